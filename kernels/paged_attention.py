@@ -1,0 +1,57 @@
+"""Decode paged attention: one query token per row over a paged KV cache.
+
+Cache layout (engine-wide): ``k_cache, v_cache: f[L, Hkv, P, S, Dh]`` (layers,
+KV heads, pages, page size, head dim). Page 0 is the null page that pads block
+tables. Kernels take the whole cache plus a layer index so that no per-layer
+slice is ever copied.
+
+``paged_attention(q, k_cache, v_cache, layer, block_tables, seq_lens)``:
+  q: f[B, Hq, Dh]; block_tables: i32[B, P_max]; seq_lens: i32[B] (number of
+  cached tokens the row attends to, the current token included; 0 = padding
+  row, whose output is 0). Returns f[B, Hq, Dh] in q's dtype.
+
+Backends: ``impl="reference"`` (pure JAX gather + dense softmax, used on CPU),
+``impl="pallas"`` (GPU/TPU kernel), ``impl="auto"`` picks by platform.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def paged_attention_reference(q, k_cache, v_cache, layer, block_tables, seq_lens, *,
+                              scale: float, soft_cap: float | None = None):
+    B, Hq, Dh = q.shape
+    _, Hkv, _, S, _ = k_cache.shape
+    G = Hq // Hkv
+    P_max = block_tables.shape[1]
+    # Gather this layer's pages for every row: [B, Hkv, P_max, S, Dh] -> [B, Hkv, C, Dh]
+    k = k_cache[layer][:, block_tables].transpose(1, 0, 2, 3, 4).reshape(B, Hkv, P_max * S, Dh)
+    v = v_cache[layer][:, block_tables].transpose(1, 0, 2, 3, 4).reshape(B, Hkv, P_max * S, Dh)
+    qg = q.reshape(B, Hkv, G, Dh).astype(jnp.float32)
+    s = jnp.einsum("bhgd,bhcd->bhgc", qg, k.astype(jnp.float32)) * scale
+    if soft_cap is not None:
+        s = soft_cap * jnp.tanh(s / soft_cap)
+    mask = jnp.arange(P_max * S)[None, :] < seq_lens[:, None]          # [B, C]
+    s = jnp.where(mask[:, None, None, :], s, -jnp.inf)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.exp(s - m)
+    l = jnp.sum(p, axis=-1, keepdims=True)
+    o = jnp.einsum("bhgc,bhcd->bhgd", p, v.astype(jnp.float32)) / jnp.maximum(l, 1e-30)
+    return o.reshape(B, Hq, Dh).astype(q.dtype)
+
+
+def paged_attention(q, k_cache, v_cache, layer, block_tables, seq_lens, *, scale: float,
+                    soft_cap: float | None = None, impl: str = "auto"):
+    """Dispatch to the reference or the Pallas kernel (see module docstring)."""
+    if impl == "auto":
+        impl = "reference" if jax.default_backend() == "cpu" else "pallas"
+    if impl == "reference":
+        return paged_attention_reference(q, k_cache, v_cache, layer, block_tables, seq_lens,
+                                         scale=scale, soft_cap=soft_cap)
+    if impl == "pallas":
+        from kernels import paged_attention_pallas
+        return paged_attention_pallas.paged_attention(
+            q, k_cache, v_cache, layer, block_tables, seq_lens, scale=scale, soft_cap=soft_cap)
+    raise ValueError(f"unknown paged attention impl {impl!r}")

@@ -1,0 +1,63 @@
+"""Prefill attention over pages, and the write of new K/V into pages.
+
+``write_kv(k_cache, v_cache, layer, k, v, slot_mapping)``: k, v: f[T, Hkv, Dh];
+slot_mapping: i32[T] with slot = page * S + offset; slot < 0 marks a padding
+token whose K/V is not written. Returns the updated caches (donated in the
+engine step, so XLA updates them in place).
+
+``prefill_attention(q, k_cache, v_cache, layer, block_table, positions)``: one
+request's chunk. q: f[T, Hq, Dh]; block_table: i32[P_max]; positions: i32[T]
+(absolute position of each query token; -1 = padding, output 0). Token t
+attends causally to the request's cached tokens 0..positions[t], which include
+the chunk itself (written by ``write_kv`` first) and all earlier chunks.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def write_kv(k_cache, v_cache, layer, k, v, slot_mapping):
+    _, _, P, S, _ = k_cache.shape
+    slot = jnp.where(slot_mapping < 0, P * S, slot_mapping)   # out of range -> dropped
+    page, off = slot // S, slot % S
+    k_cache = k_cache.at[layer, :, page, off].set(k.astype(k_cache.dtype), mode="drop")
+    v_cache = v_cache.at[layer, :, page, off].set(v.astype(v_cache.dtype), mode="drop")
+    return k_cache, v_cache
+
+
+def prefill_attention_reference(q, k_cache, v_cache, layer, block_table, positions, *,
+                                scale: float, soft_cap: float | None = None):
+    T, Hq, Dh = q.shape
+    _, Hkv, _, S, _ = k_cache.shape
+    G = Hq // Hkv
+    C = block_table.shape[0] * S
+    k = k_cache[layer][:, block_table].reshape(Hkv, C, Dh).astype(jnp.float32)
+    v = v_cache[layer][:, block_table].reshape(Hkv, C, Dh).astype(jnp.float32)
+    qg = q.reshape(T, Hkv, G, Dh).astype(jnp.float32)
+    s = jnp.einsum("thgd,hcd->hgtc", qg, k) * scale
+    if soft_cap is not None:
+        s = soft_cap * jnp.tanh(s / soft_cap)
+    mask = jnp.arange(C)[None, :] <= positions[:, None]                  # [T, C]
+    s = jnp.where(mask[None, None], s, -jnp.inf)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.exp(s - m)
+    l = jnp.sum(p, axis=-1, keepdims=True)
+    o = jnp.einsum("hgtc,hcd->thgd", p / jnp.maximum(l, 1e-30), v)
+    return o.reshape(T, Hq, Dh).astype(q.dtype)
+
+
+def prefill_attention(q, k_cache, v_cache, layer, block_table, positions, *, scale: float,
+                      soft_cap: float | None = None, impl: str = "auto"):
+    """Dispatch to the reference or the Pallas kernel (see module docstring)."""
+    if impl == "auto":
+        impl = "reference" if jax.default_backend() == "cpu" else "pallas"
+    if impl == "reference":
+        return prefill_attention_reference(q, k_cache, v_cache, layer, block_table, positions,
+                                           scale=scale, soft_cap=soft_cap)
+    if impl == "pallas":
+        from kernels import prefill_attention_pallas
+        return prefill_attention_pallas.prefill_attention(
+            q, k_cache, v_cache, layer, block_table, positions, scale=scale, soft_cap=soft_cap)
+    raise ValueError(f"unknown prefill attention impl {impl!r}")
