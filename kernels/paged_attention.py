@@ -38,7 +38,9 @@ def paged_attention_reference(q, k_cache, v_cache, layer, block_tables, seq_lens
     m = jnp.where(jnp.isfinite(m), m, 0.0)
     p = jnp.exp(s - m)
     l = jnp.sum(p, axis=-1, keepdims=True)
-    o = jnp.einsum("bhgc,bhcd->bhgd", p, v.astype(jnp.float32)) / jnp.maximum(l, 1e-30)
+    # Masked slots may hold stale data from a page's previous owner: never let it in (0 * NaN).
+    v = jnp.where(mask[:, None, :, None], v.astype(jnp.float32), 0.0)
+    o = jnp.einsum("bhgc,bhcd->bhgd", p, v) / jnp.maximum(l, 1e-30)
     return o.reshape(B, Hq, Dh).astype(q.dtype)
 
 

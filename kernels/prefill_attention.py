@@ -44,6 +44,8 @@ def prefill_attention_reference(q, k_cache, v_cache, layer, block_table, positio
     m = jnp.where(jnp.isfinite(m), m, 0.0)
     p = jnp.exp(s - m)
     l = jnp.sum(p, axis=-1, keepdims=True)
+    # Slots past the longest query position may hold stale data: keep it out (0 * NaN).
+    v = jnp.where((jnp.arange(C) <= jnp.max(positions))[None, :, None], v, 0.0)
     o = jnp.einsum("hgtc,hcd->thgd", p / jnp.maximum(l, 1e-30), v)
     return o.reshape(T, Hq, Dh).astype(q.dtype)
 

@@ -1,0 +1,89 @@
+"""Paged KV cache: device pages, host swap pages, and the copies between them.
+
+Device: ``k, v: f[L, Hkv, P, S, Dh]`` (page 0 is the null page). Host: numpy
+``f[L, Hkv, P_host, S, Dh]``. Which request owns which page is the
+scheduler's business (``scheduler/block_manager.py``); this module only moves
+bytes. Copies are padded to the ``swap_pages`` buckets (padding moves the null
+page, harmless) so they never compile while serving. JAX dispatch is
+asynchronous: a swap-in issued before the step overlaps with it.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from engine.config import Buckets
+from models.config import ModelConfig
+
+
+def page_bytes(cfg: ModelConfig, page_size: int, dtype) -> int:
+    """Bytes of K + V for one page across all layers."""
+    return 2 * cfg.num_layers * cfg.num_kv_heads * page_size * cfg.head_dim * np.dtype(dtype).itemsize
+
+
+@functools.partial(jax.jit, donate_argnums=(0, 1))
+def _scatter_pages(k, v, pages, k_new, v_new):
+    return k.at[:, :, pages].set(k_new), v.at[:, :, pages].set(v_new)
+
+
+@jax.jit
+def _gather_pages(k, v, pages):
+    return k[:, :, pages], v[:, :, pages]
+
+
+class KVCache:
+    def __init__(self, cfg: ModelConfig, num_pages: int, page_size: int, num_host_pages: int,
+                 dtype, buckets: Buckets, sharding=None) -> None:
+        if num_pages < 2:
+            raise ValueError(f"KV cache needs at least 2 pages (one is the null page), got {num_pages}")
+        self.cfg, self.num_pages, self.page_size = cfg, num_pages, page_size
+        self.num_host_pages, self.dtype, self.buckets = num_host_pages, np.dtype(dtype), buckets
+        shape = (cfg.num_layers, cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
+        make = functools.partial(jnp.zeros, shape, dtype)
+        self.k = jax.jit(make, out_shardings=sharding)() if sharding is not None else make()
+        self.v = jax.jit(make, out_shardings=sharding)() if sharding is not None else make()
+        hshape = (cfg.num_layers, cfg.num_kv_heads, max(num_host_pages, 1), page_size, cfg.head_dim)
+        self.host_k = np.zeros(hshape, self.dtype)
+        self.host_v = np.zeros(hshape, self.dtype)
+
+    # ---------------------------------------------------------------- swaps
+    def _chunks(self, pairs):
+        big = self.buckets.swap_pages[-1]
+        for i in range(0, len(pairs), big):
+            part = pairs[i:i + big]
+            n = Buckets.pick(self.buckets.swap_pages, len(part))
+            src = np.zeros(n, np.int32)
+            dst = np.zeros(n, np.int32)
+            src[:len(part)] = [a for a, _ in part]
+            dst[:len(part)] = [b for _, b in part]
+            yield len(part), src, dst
+
+    def swap_out(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy (device_page -> host_page) for each pair."""
+        for n, dev, host in self._chunks(pairs):
+            k, v = _gather_pages(self.k, self.v, jnp.asarray(dev))
+            self.host_k[:, :, host[:n]] = np.asarray(k)[:, :, :n]
+            self.host_v[:, :, host[:n]] = np.asarray(v)[:, :, :n]
+
+    def swap_in(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy (host_page -> device_page) for each pair; padding entries write the null page."""
+        for n, host, dev in self._chunks(pairs):
+            hk = self.host_k[:, :, host]
+            hv = self.host_v[:, :, host]
+            self.k, self.v = _scatter_pages(self.k, self.v, jnp.asarray(dev), jnp.asarray(hk), jnp.asarray(hv))
+
+    def warmup(self) -> None:
+        """Compile every swap bucket (moves the null page onto itself)."""
+        for n in self.buckets.swap_pages:
+            z = jnp.zeros(n, jnp.int32)
+            k, v = _gather_pages(self.k, self.v, z)
+            self.k, self.v = _scatter_pages(self.k, self.v, z, k, v)
+        jax.block_until_ready(self.k)
+
+
+def pages_for_budget(cfg: ModelConfig, page_size: int, dtype, budget_bytes: float) -> int:
+    return max(2, int(math.floor(budget_bytes / page_bytes(cfg, page_size, dtype))))

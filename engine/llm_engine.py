@@ -1,0 +1,215 @@
+"""The engine loop: requests in, one scheduled iteration per ``step()``, outputs out.
+
+Single-threaded by design (``AsyncEngine`` runs it on its own thread). Each
+step: ``Plan = scheduler.schedule(now)`` -> swap-out / swap-in copies ->
+prefill chunks (one jitted call each) -> one decode call for all decode rows ->
+tokens appended, finish checks -> ``scheduler.on_step_done``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from engine.compile_guard import CompileGuard
+from engine.config import EngineConfig
+from engine.kv_cache import KVCache, pages_for_budget
+from engine.model_runner import ModelRunner, Row
+from engine.outputs import RequestOutput, TokenLogprob
+from engine.request import Request
+from engine.sampling_params import MAX_STOP_IDS, SamplingParams
+from scheduler.plan import Plan
+
+log = logging.getLogger("ferry")
+
+
+def resolve_dtype(name: str):
+    if name == "auto":
+        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    try:
+        return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
+    except KeyError:
+        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {name!r}") from None
+
+
+def enable_compile_cache(path: str | None) -> None:
+    if path:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+class LLMEngine:
+    """Synchronous engine core. See module docstring.
+
+    Public: ``add_request``, ``abort_request``, ``step``,
+    ``has_unfinished_requests``, ``stats``; attributes ``tokenizer``,
+    ``model_config``, ``model_name``, ``max_model_len``, ``config``.
+    """
+
+    def __init__(self, config: EngineConfig, bundle=None) -> None:
+        from models.registry import load_model
+        from scheduler.scheduler import Scheduler, SchedulerConfig
+
+        self.config = config
+        enable_compile_cache(config.compile_cache_dir)
+        dtype = resolve_dtype(config.dtype)
+        self.dtype = dtype
+        bundle = bundle if bundle is not None else load_model(config.model, dtype=np.float32)
+        self.model_config = bundle.config
+        self.tokenizer = bundle.tokenizer
+        self.model_name = bundle.name
+        self.max_model_len = min(config.max_model_len, self.model_config.max_position_embeddings)
+        if self.max_model_len != config.max_model_len:
+            import dataclasses
+            config = dataclasses.replace(config, max_model_len=self.max_model_len)
+            self.config = config
+        self.params = jax.tree.map(lambda a: jnp.asarray(a, dtype), bundle.params)
+
+        num_pages = config.num_pages or self._pages_from_memory(dtype)
+        host_pages = config.num_host_pages if config.num_host_pages is not None else num_pages
+        self.guard = CompileGuard(strict=config.strict_compile_guard)
+        self.kv = KVCache(self.model_config, num_pages, config.page_size, host_pages, dtype, config.buckets())
+        self.runner = ModelRunner(self.model_config, self.params, config, self.kv, dtype, self.guard)
+        buckets = config.buckets()
+        self.scheduler = Scheduler(SchedulerConfig(
+            max_batch=config.max_batch, max_tokens_per_step=config.max_batch + buckets.prefill_tokens[-1],
+            max_prefill_chunk=buckets.prefill_tokens[-1], page_size=config.page_size,
+            num_device_pages=num_pages, num_host_pages=host_pages, policy=config.scheduler))
+        self._requests: dict[str, Request] = {}
+        self._pending_final: list[RequestOutput] = []
+        self._rng = np.random.default_rng(config.seed)
+        self.stats_totals = {"prompt_tokens_total": 0, "generation_tokens_total": 0}
+        self.warmup_seconds = self.runner.warmup(progress=config.warmup_progress)
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> "LLMEngine":
+        return cls(config)
+
+    def _pages_from_memory(self, dtype) -> int:
+        """GPU/TPU: a fraction of free device memory. CPU: enough for every slot at
+        full length, capped by cpu_kv_budget_gb."""
+        dev = jax.devices()[0]
+        stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
+        if stats and "bytes_limit" in stats:
+            free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+            return pages_for_budget(self.model_config, self.config.page_size, dtype,
+                                    free * self.config.kv_memory_fraction)
+        need = self.config.max_batch * self.config.max_pages_per_seq + 1
+        cap = pages_for_budget(self.model_config, self.config.page_size, dtype,
+                               self.config.cpu_kv_budget_gb * 2**30)
+        return min(need, cap)
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    priority: int = 0) -> None:
+        """Validate and queue a request; raises ValueError with a clear message on bad input."""
+        from models.detokenizer import IncrementalDetokenizer
+
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+        if request_id in self._requests:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        if isinstance(prompt, str):
+            text, ids = prompt, self.tokenizer.encode(prompt)
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, (int, np.integer)) and not isinstance(t, bool)
+                                                       for t in prompt):
+            text, ids = None, [int(t) for t in prompt]
+            bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
+            if bad:
+                raise ValueError(f"prompt token ids out of range [0, {self.model_config.vocab_size}): {bad[:5]}")
+        else:
+            raise ValueError("prompt must be a string or a list of token ids")
+        if not ids:
+            raise ValueError("prompt is empty")
+        if len(ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = "
+                f"{len(ids) + params.max_tokens} exceeds the context length max_model_len={self.max_model_len}")
+        stop_ids = tuple(dict.fromkeys(
+            (() if params.ignore_eos else tuple(self.tokenizer.eos_token_ids)) + params.stop_token_ids))
+        stop_ids = stop_ids[:MAX_STOP_IDS]
+        seed = params.seed if params.seed is not None else int(self._rng.integers(0, 2**31 - 1))
+        req = Request(request_id, text, ids, params, seed, stop_ids, IncrementalDetokenizer(self.tokenizer),
+                      priority=priority)
+        self.scheduler.add(request_id, len(ids), params.max_tokens, time.monotonic(), priority=priority)
+        self._requests[request_id] = req
+        self.stats_totals["prompt_tokens_total"] += len(ids)
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request now and free its pages; the next step() returns its final output."""
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            return
+        self.scheduler.abort(request_id)
+        req.finish("abort")
+        self._pending_final.append(req.output())
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests) or bool(self._pending_final)
+
+    # ------------------------------------------------------------------ the step
+    def step(self) -> list[RequestOutput]:
+        """Run one iteration; return outputs of requests that progressed or ended."""
+        outputs, self._pending_final = self._pending_final, []
+        if not self._requests:
+            return outputs
+        plan: Plan = self.scheduler.schedule(time.monotonic())
+        if plan.swap_out:
+            self.kv.swap_out(list(plan.swap_out))
+        if plan.swap_in:
+            self.kv.swap_in(list(plan.swap_in))
+        sampled: dict[str, tuple[int, TokenLogprob | None, bool]] = {}
+        for item in plan.prefill_items:
+            req = self._requests[item.request_id]
+            out = self.runner.prefill(self._row(req, item.start, item.num_tokens))
+            if item.sample:
+                sampled[req.request_id] = self._take(req, out, 0, {0} if out.num_finished else set())
+        decodes = plan.decode_items
+        if decodes:
+            reqs = [self._requests[w.request_id] for w in decodes]
+            out = self.runner.decode([self._row(r, w.start, 1) for r, w in zip(reqs, decodes)])
+            done_rows = set(out.finished_idx[:int(out.num_finished)].tolist())
+            for i, (r, w) in enumerate(zip(reqs, decodes)):
+                if w.sample:
+                    sampled[r.request_id] = self._take(r, out, i, done_rows)
+        finished = []
+        for rid, (tok, lp, dev_done) in sampled.items():
+            req = self._requests[rid]
+            req.append(tok, lp, dev_done)
+            self.stats_totals["generation_tokens_total"] += 1
+            if req.finished:
+                finished.append(rid)
+        self.scheduler.on_step_done(plan, time.monotonic(), finished=finished)
+        for rid in sampled:
+            outputs.append(self._requests[rid].output())
+        for rid in finished:
+            del self._requests[rid]
+        return outputs
+
+    def _row(self, req: Request, start: int, n: int) -> Row:
+        toks = req.tokens
+        return Row(tokens=toks[start:start + n], start=start,
+                   block_table=self.scheduler.block_table(req.request_id),
+                   max_tokens=req.params.max_tokens,
+                   sampling=(req.params, req.seed, len(req.out_ids), toks, len(req.prompt_ids), req.stop_ids))
+
+    def _take(self, req: Request, out, i: int, done_rows: set[int]):
+        tok = int(out.tokens[i])
+        lp = None
+        if req.params.logprobs is not None:
+            n = req.params.logprobs
+            lp = TokenLogprob(tok, float(out.logprob[i]),
+                              tuple(zip(out.top_ids[i, :n].tolist(), out.top_logprobs[i, :n].tolist())))
+        return tok, lp, i in done_rows
+
+    # ------------------------------------------------------------------ metrics
+    def stats(self) -> dict:
+        s = dict(self.scheduler.stats())
+        s.update(self.stats_totals)
+        return s

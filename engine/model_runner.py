@@ -1,0 +1,149 @@
+"""Runs the model: static-shape jitted prefill and decode steps over bucketed shapes.
+
+Decode step  (B rows, C context):  tokens/positions/slots/seq_lens/max_tokens i32[B],
+    block_tables i32[B, C/S], sampling rows [B] -> next token, logprobs and the
+    compacted indices + count of rows that finished (stop id or max_tokens).
+Prefill step (T tokens, C context): one request's chunk, tokens/positions/slots
+    i32[T], block_table i32[1, C/S], last i32[] (row whose logits are sampled).
+The KV cache buffers are donated every call and rebound, so XLA updates them in
+place. ``warmup()`` compiles every shape in ``EngineConfig.buckets()``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from engine.compile_guard import CompileGuard
+from engine.config import Buckets, EngineConfig
+from engine.kv_cache import KVCache
+from engine.sampling import SamplingBatch, host_rows, sample
+from kernels.compaction import nonzero
+from models.config import ModelConfig
+from models.llama import AttnMeta, Llama, logits
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class StepInputs:
+    tokens: jax.Array         # i32[N]
+    positions: jax.Array      # i32[N]   -1 = padding
+    slots: jax.Array          # i32[N]   -1 = padding
+    block_tables: jax.Array   # i32[B, P]
+    seq_lens: jax.Array       # i32[B]   decode: tokens attended (0 = padding row)
+    max_tokens: jax.Array     # i32[B]
+    last: jax.Array           # i32[B]   row of the hidden states to sample (prefill)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class StepOutputs:
+    tokens: jax.Array         # i32[B]
+    logprob: jax.Array        # f32[B]
+    top_ids: jax.Array        # i32[B, 20]
+    top_logprobs: jax.Array   # f32[B, 20]
+    finished_idx: jax.Array   # i32[B]   compacted rows that finished, -1 padded
+    num_finished: jax.Array   # i32[]
+
+
+def _step(cfg: ModelConfig, model: Llama, params, k, v, x: StepInputs, sb: SamplingBatch):
+    meta = AttnMeta(x.slots, x.block_tables, x.seq_lens)
+    h, k, v = model.apply({"params": params}, x.tokens, x.positions, k, v, meta)
+    h = h[x.last]                                                   # [B, D]
+    tok, lp, top_ids, top_lp, hit_stop = sample(logits(cfg, params, h), sb)
+    done = (x.max_tokens > 0) & (hit_stop | (sb.step + 1 >= x.max_tokens))
+    idx, n = nonzero(done, size=done.shape[0])
+    return StepOutputs(tok, lp, top_ids, top_lp, idx, n), k, v
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One sequence's work in a step (host side)."""
+
+    tokens: list[int]          # tokens to compute (1 for decode)
+    start: int                 # position of tokens[0]
+    block_table: list[int]     # device pages of the request
+    max_tokens: int            # the request's max_tokens (0 = do not count as finished)
+    sampling: tuple            # (params, seed, step, all tokens, num_prompt, stop ids)
+
+
+class ModelRunner:
+    def __init__(self, model_cfg: ModelConfig, params, ecfg: EngineConfig, kv: KVCache, dtype,
+                 guard: CompileGuard) -> None:
+        self.cfg, self.params, self.ecfg, self.kv, self.guard = model_cfg, params, ecfg, kv, guard
+        self.buckets: Buckets = ecfg.buckets()
+        self.page_size = ecfg.page_size
+        mk = lambda mode: Llama(model_cfg, mode=mode, dtype=dtype, attn_impl=ecfg.attn_impl)  # noqa: E731
+        self._decode = jax.jit(functools.partial(_step, model_cfg, mk("decode")), donate_argnums=(1, 2))
+        self._prefill = jax.jit(functools.partial(_step, model_cfg, mk("prefill")), donate_argnums=(1, 2))
+
+    # ------------------------------------------------------------------ host -> arrays
+    def _inputs(self, rows: list[Row], B: int, N: int, C: int, prefill: bool):
+        S, P = self.page_size, C // self.page_size
+        tokens = np.zeros(N, np.int32)
+        positions = np.full(N, -1, np.int32)
+        slots = np.full(N, -1, np.int32)
+        tables = np.zeros((B, P), np.int32)
+        seq_lens = np.zeros(B, np.int32)
+        max_tokens = np.zeros(B, np.int32)
+        last = np.zeros(B, np.int32)
+        i = 0
+        for r, row in enumerate(rows):
+            n = len(row.tokens)
+            pos = np.arange(row.start, row.start + n, dtype=np.int32)
+            bt = np.asarray(row.block_table[:P], np.int32)
+            tokens[i:i + n] = row.tokens
+            positions[i:i + n] = pos
+            slots[i:i + n] = bt[pos // S] * S + pos % S
+            tables[r, :len(bt)] = bt
+            seq_lens[r] = row.start + n
+            max_tokens[r] = row.max_tokens
+            last[r] = i + n - 1
+            i += n
+        x = StepInputs(tokens, positions, slots, tables, seq_lens, max_tokens, last)
+        sb = SamplingBatch(**host_rows([row.sampling for row in rows], B, C))
+        return x, sb
+
+    def _run(self, fn, x, sb, where: str):
+        out, self.kv.k, self.kv.v = fn(self.params, self.kv.k, self.kv.v, x, sb)
+        out = jax.device_get(out)
+        self.guard.check(where)
+        return out
+
+    def decode(self, rows: list[Row]) -> StepOutputs:
+        """One token for each row (rows: at most max_batch)."""
+        B = Buckets.pick(self.buckets.decode_batch, len(rows))
+        C = Buckets.pick(self.buckets.context, max(r.start + 1 for r in rows))
+        x, sb = self._inputs(rows, B, B, C, prefill=False)
+        return self._run(self._decode, x, sb, f"decode B={B} C={C}")
+
+    def prefill(self, row: Row) -> StepOutputs:
+        """One chunk of one request; the output row 0 is the sample at its last token."""
+        T = Buckets.pick(self.buckets.prefill_tokens, len(row.tokens))
+        C = Buckets.pick(self.buckets.context, row.start + len(row.tokens))
+        x, sb = self._inputs([row], 1, T, C, prefill=True)
+        return self._run(self._prefill, x, sb, f"prefill T={T} C={C}")
+
+    # ------------------------------------------------------------------ warm-up
+    def warmup(self, progress: bool = True) -> float:
+        """Compile every bucket shape (decode, prefill, swaps); returns seconds."""
+        t0 = time.perf_counter()
+        shapes = [("decode", b, c) for b, c in self.buckets.decode_shapes()]
+        shapes += [("prefill", t, c) for t, c in self.buckets.prefill_shapes()]
+        it = shapes
+        if progress:
+            from tqdm import tqdm
+            it = tqdm(shapes, desc="ferry: compiling step programs", unit="prog", leave=False)
+        for mode, n, c in it:
+            B = n if mode == "decode" else 1
+            x, sb = self._inputs([], B, n, c, prefill=mode == "prefill")
+            fn = self._decode if mode == "decode" else self._prefill
+            out, self.kv.k, self.kv.v = fn(self.params, self.kv.k, self.kv.v, x, sb)
+        jax.block_until_ready(self.kv.k)
+        self.kv.warmup()
+        self.guard.arm()
+        return time.perf_counter() - t0

@@ -1,0 +1,119 @@
+"""On-device sampling with per-row parameters (never static, so never a recompile).
+
+``SamplingBatch`` holds one row per sequence. ``sample(logits, sb)`` applies
+penalties, then greedy (temperature 0) or temperature / top-k / top-p / min-p
+sampling with a per-row key ``fold_in(PRNGKey(seed), step)`` (step = number of
+tokens the request generated before this one), so a seeded request gives the
+same tokens whatever it is batched with, and after preemption or swaps.
+It also returns the sampled token's logprob and the top-n alternatives
+(of the model's raw distribution), and whether the row hit a stop id.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from engine.sampling_params import MAX_LOGPROBS, MAX_STOP_IDS, SamplingParams
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SamplingBatch:
+    temperature: jax.Array     # f32[B]   0 = greedy
+    top_k: jax.Array           # i32[B]   <= 0: off
+    top_p: jax.Array           # f32[B]
+    min_p: jax.Array           # f32[B]
+    seed: jax.Array            # u32[B]
+    step: jax.Array            # i32[B]   tokens generated so far by the request
+    presence: jax.Array        # f32[B]
+    frequency: jax.Array       # f32[B]
+    repetition: jax.Array      # f32[B]
+    history: jax.Array         # i32[B, H] prompt + output tokens, -1 padded
+    num_prompt: jax.Array      # i32[B]   history[:, :num_prompt] is the prompt
+    stop_ids: jax.Array        # i32[B, MAX_STOP_IDS] -1 padded (EOS included unless ignore_eos)
+
+
+def host_rows(rows: list[tuple[SamplingParams, int, int, list[int], int, tuple[int, ...]]],
+              B: int, H: int) -> dict[str, np.ndarray]:
+    """Build numpy arrays for ``SamplingBatch`` (padding rows are greedy no-ops).
+
+    rows: (params, seed, step, tokens (prompt + output), num_prompt, stop ids).
+    """
+    a = {
+        "temperature": np.zeros(B, np.float32), "top_k": np.zeros(B, np.int32),
+        "top_p": np.ones(B, np.float32), "min_p": np.zeros(B, np.float32),
+        "seed": np.zeros(B, np.uint32), "step": np.zeros(B, np.int32),
+        "presence": np.zeros(B, np.float32), "frequency": np.zeros(B, np.float32),
+        "repetition": np.ones(B, np.float32), "history": np.full((B, H), -1, np.int32),
+        "num_prompt": np.zeros(B, np.int32), "stop_ids": np.full((B, MAX_STOP_IDS), -1, np.int32),
+    }
+    for i, (p, seed, step, toks, n_prompt, stops) in enumerate(rows):
+        a["temperature"][i] = p.temperature
+        a["top_k"][i] = p.top_k
+        a["top_p"][i] = p.top_p
+        a["min_p"][i] = p.min_p
+        a["seed"][i] = seed & 0xFFFFFFFF
+        a["step"][i] = step
+        a["presence"][i] = p.presence_penalty
+        a["frequency"][i] = p.frequency_penalty
+        a["repetition"][i] = p.repetition_penalty
+        if p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0:
+            n = min(len(toks), H)
+            a["history"][i, :n] = toks[-n:] if n else []
+            a["num_prompt"][i] = max(0, n_prompt - (len(toks) - n))
+        a["stop_ids"][i, :len(stops)] = stops
+    return a
+
+
+def _apply_penalties(logits, sb: SamplingBatch):
+    B, V = logits.shape
+    H = sb.history.shape[1]
+    valid = sb.history >= 0
+    is_out = valid & (jnp.arange(H)[None, :] >= sb.num_prompt[:, None])
+    rows = jnp.broadcast_to(jnp.arange(B)[:, None], (B, H))
+    tok = jnp.where(valid, sb.history, V)                       # V = dropped
+    out_counts = jnp.zeros((B, V), jnp.float32).at[rows, tok].add(is_out.astype(jnp.float32), mode="drop")
+    seen = jnp.zeros((B, V), bool).at[rows, tok].set(True, mode="drop")
+    rep = sb.repetition[:, None]
+    logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
+    logits = logits - sb.frequency[:, None] * out_counts
+    return logits - sb.presence[:, None] * (out_counts > 0)
+
+
+def _filter(logits, sb: SamplingBatch):
+    """Mask tokens outside top-k / top-p / min-p with -inf (temperature applied)."""
+    B, V = logits.shape
+    x = logits / jnp.maximum(sb.temperature, 1e-6)[:, None]
+    order = jnp.argsort(-x, axis=-1)                             # descending
+    xs = jnp.take_along_axis(x, order, axis=-1)
+    ranks = jnp.arange(V)[None, :]
+    keep = jnp.where(sb.top_k[:, None] > 0, ranks < sb.top_k[:, None], True)
+    probs = jax.nn.softmax(jnp.where(keep, xs, -jnp.inf), axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs                 # mass strictly before
+    keep &= before < sb.top_p[:, None]
+    keep &= probs >= sb.min_p[:, None] * probs[:, :1]
+    keep = keep.at[:, 0].set(True)                               # the best token always stays
+    xs = jnp.where(keep, xs, -jnp.inf)
+    inv = jnp.argsort(order, axis=-1)
+    return jnp.take_along_axis(xs, inv, axis=-1)
+
+
+def sample(logits, sb: SamplingBatch):
+    """logits f32[B, V] -> (tokens i32[B], logprob f32[B], top_ids i32[B, N],
+    top_logprobs f32[B, N], hit_stop bool[B])."""
+    raw_lp = jax.nn.log_softmax(logits, axis=-1)
+    any_pen = jnp.any((sb.presence != 0) | (sb.frequency != 0) | (sb.repetition != 1))
+    pen = jax.lax.cond(any_pen, _apply_penalties, lambda l, _: l, logits, sb)
+    greedy_tok = jnp.argmax(pen, axis=-1).astype(jnp.int32)
+    # The full-vocabulary sort only runs when some row samples.
+    filtered = jax.lax.cond(jnp.any(sb.temperature > 0), _filter, lambda l, _: l, pen, sb)
+    keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.PRNGKey(s), t))(sb.seed, sb.step)
+    drawn = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+    tokens = jnp.where(sb.temperature > 0, drawn, greedy_tok)
+    lp = jnp.take_along_axis(raw_lp, tokens[:, None], axis=-1)[:, 0]
+    top_lp, top_ids = jax.lax.top_k(raw_lp, MAX_LOGPROBS)
+    hit_stop = jnp.any(tokens[:, None] == sb.stop_ids, axis=-1)
+    return tokens, lp, top_ids.astype(jnp.int32), top_lp, hit_stop
