@@ -1,13 +1,15 @@
-"""Counts XLA programs lowered in this process, to prove nothing compiles while serving.
+"""Proves nothing compiles while serving: counts XLA programs lowered during each step.
 
 JAX records a monitoring event each time it lowers a new program to XLA
 (whether or not the persistent cache then supplies the binary). The guard
-counts those events; ``check()`` after warm-up raises (strict) or warns if
-the count moved. Events from other threads count too, so run one engine per
-process when strict.
+counts those events; after ``arm()`` (end of warm-up) every engine call runs
+inside ``watch(where)``, and a program lowered inside it is a violation:
+raised as ``CompileError`` when strict, else logged. Only the engine thread's
+own calls are watched, so eager JAX elsewhere in the process does not count.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import jax
@@ -23,8 +25,9 @@ class CompileError(RuntimeError):
 class CompileGuard:
     def __init__(self, strict: bool = False) -> None:
         self.strict = strict
-        self.count = 0
-        self._armed_at: int | None = None
+        self.count = 0              # programs lowered in this process since the guard was made
+        self.violations = 0         # programs lowered inside watch() after arm()
+        self.armed = False
         jax.monitoring.register_event_duration_secs_listener(self._on_event)
 
     def _on_event(self, event: str, duration: float, **kwargs) -> None:
@@ -32,18 +35,17 @@ class CompileGuard:
             self.count += 1
 
     def arm(self) -> None:
-        """Call after warm-up: from now on, any compile is a violation."""
-        self._armed_at = self.count
+        """Call after warm-up: from now on, a compile inside watch() is a violation."""
+        self.armed = True
 
-    @property
-    def compiles_since_arm(self) -> int:
-        return 0 if self._armed_at is None else self.count - self._armed_at
-
-    def check(self, where: str) -> None:
-        n = self.compiles_since_arm
-        if n:
+    @contextlib.contextmanager
+    def watch(self, where: str):
+        before = self.count
+        yield
+        n = self.count - before
+        if self.armed and n:
+            self.violations += n
             msg = f"{n} XLA program(s) compiled after warm-up (at {where}): a shape escaped the bucket table"
             if self.strict:
                 raise CompileError(msg)
             log.warning(msg)
-            self._armed_at = self.count

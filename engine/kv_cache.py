@@ -37,11 +37,12 @@ def _gather_pages(k, v, pages):
 
 class KVCache:
     def __init__(self, cfg: ModelConfig, num_pages: int, page_size: int, num_host_pages: int,
-                 dtype, buckets: Buckets, sharding=None) -> None:
+                 dtype, buckets: Buckets, guard, sharding=None) -> None:
         if num_pages < 2:
             raise ValueError(f"KV cache needs at least 2 pages (one is the null page), got {num_pages}")
         self.cfg, self.num_pages, self.page_size = cfg, num_pages, page_size
         self.num_host_pages, self.dtype, self.buckets = num_host_pages, np.dtype(dtype), buckets
+        self.guard = guard
         shape = (cfg.num_layers, cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
         make = functools.partial(jnp.zeros, shape, dtype)
         self.k = jax.jit(make, out_shardings=sharding)() if sharding is not None else make()
@@ -64,13 +65,21 @@ class KVCache:
 
     def swap_out(self, pairs: list[tuple[int, int]]) -> None:
         """Copy (device_page -> host_page) for each pair."""
+        with self.guard.watch("swap_out"):
+            self._swap_out(pairs)
+
+    def swap_in(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy (host_page -> device_page) for each pair; padding entries write the null page."""
+        with self.guard.watch("swap_in"):
+            self._swap_in(pairs)
+
+    def _swap_out(self, pairs):
         for n, dev, host in self._chunks(pairs):
             k, v = _gather_pages(self.k, self.v, jnp.asarray(dev))
             self.host_k[:, :, host[:n]] = np.asarray(k)[:, :, :n]
             self.host_v[:, :, host[:n]] = np.asarray(v)[:, :, :n]
 
-    def swap_in(self, pairs: list[tuple[int, int]]) -> None:
-        """Copy (host_page -> device_page) for each pair; padding entries write the null page."""
+    def _swap_in(self, pairs):
         for n, host, dev in self._chunks(pairs):
             hk = self.host_k[:, :, host]
             hv = self.host_v[:, :, host]

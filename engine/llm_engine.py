@@ -52,14 +52,18 @@ class LLMEngine:
     """
 
     def __init__(self, config: EngineConfig, bundle=None) -> None:
-        from models.registry import load_model
         from scheduler.scheduler import Scheduler, SchedulerConfig
 
         self.config = config
         enable_compile_cache(config.compile_cache_dir)
         dtype = resolve_dtype(config.dtype)
         self.dtype = dtype
-        bundle = bundle if bundle is not None else load_model(config.model, dtype=np.float32)
+        if bundle is None and config.model and config.model.startswith("random:"):
+            from models.random_weights import random_bundle
+            bundle = random_bundle(config.model, seed=config.seed)
+        if bundle is None:
+            from models.registry import load_model
+            bundle = load_model(config.model, dtype="float32")
         self.model_config = bundle.config
         self.tokenizer = bundle.tokenizer
         self.model_name = bundle.name
@@ -73,7 +77,8 @@ class LLMEngine:
         num_pages = config.num_pages or self._pages_from_memory(dtype)
         host_pages = config.num_host_pages if config.num_host_pages is not None else num_pages
         self.guard = CompileGuard(strict=config.strict_compile_guard)
-        self.kv = KVCache(self.model_config, num_pages, config.page_size, host_pages, dtype, config.buckets())
+        self.kv = KVCache(self.model_config, num_pages, config.page_size, host_pages, dtype, config.buckets(),
+                          self.guard)
         self.runner = ModelRunner(self.model_config, self.params, config, self.kv, dtype, self.guard)
         buckets = config.buckets()
         self.scheduler = Scheduler(SchedulerConfig(

@@ -109,10 +109,9 @@ class ModelRunner:
         return x, sb
 
     def _run(self, fn, x, sb, where: str):
-        out, self.kv.k, self.kv.v = fn(self.params, self.kv.k, self.kv.v, x, sb)
-        out = jax.device_get(out)
-        self.guard.check(where)
-        return out
+        with self.guard.watch(where):
+            out, self.kv.k, self.kv.v = fn(self.params, self.kv.k, self.kv.v, x, sb)
+            return jax.device_get(out)
 
     def decode(self, rows: list[Row]) -> StepOutputs:
         """One token for each row (rows: at most max_batch)."""
