@@ -15,13 +15,20 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--num-pages", type=int, default=None, help="device KV pages (default: from memory)")
     p.add_argument("--kv-memory-fraction", type=float, default=0.5)
-    p.add_argument("--tensor-parallel", type=int, default=1)
+    p.add_argument("--tensor-parallel", type=int, default=1,
+                   help="devices in the tensor-parallel mesh (over all processes in multi-host runs)")
+    p.add_argument("--coordinator-address", default=None,
+                   help="multi-host: HOST:PORT of process 0 (jax.distributed); run the same command on every host")
+    p.add_argument("--num-processes", type=int, default=1, help="multi-host: number of processes")
+    p.add_argument("--process-id", type=int, default=0, help="multi-host: this process's index")
 
 
 def engine_config_from_args(args, **overrides):
     from engine.config import EngineConfig
     kw = dict(model=args.model, scheduler=args.scheduler, dtype=args.dtype, num_pages=args.num_pages,
-              kv_memory_fraction=args.kv_memory_fraction, tensor_parallel=args.tensor_parallel)
+              kv_memory_fraction=args.kv_memory_fraction, tensor_parallel=args.tensor_parallel,
+              coordinator_address=args.coordinator_address, num_processes=args.num_processes,
+              process_id=args.process_id)
     if args.max_batch is not None:
         kw["max_batch"] = args.max_batch
     if args.max_model_len is not None:
@@ -43,6 +50,9 @@ def _generate(args) -> int:
         out = llm.chat([{"role": "user", "content": args.prompt}], params)[0]
     else:
         out = llm.generate(args.prompt, params)[0]
+    llm.close()
+    if cfg.process_id != 0:
+        return 0                     # multi-host: only process 0 prints
     print(out.text)
     if args.verbose:
         t = out.timings

@@ -68,7 +68,10 @@ class EngineConfig:
     num_host_pages: int | None = None   # host swap pages (None: same as device pages)
     scheduler: str = "mlfq"             # "mlfq" | "fcfs"
     attn_impl: str = "auto"             # "auto" | "reference" | "pallas"
-    tensor_parallel: int = 1
+    tensor_parallel: int = 1            # devices in the tensor-parallel mesh (across all processes)
+    coordinator_address: str | None = None   # multi-host: "HOST:PORT" of process 0 (jax.distributed)
+    num_processes: int = 1
+    process_id: int = 0
     seed: int = 0
     compile_cache_dir: str | None = "~/.cache/ferry/jax"
     strict_compile_guard: bool = False  # raise if anything compiles after warm-up
@@ -85,6 +88,10 @@ class EngineConfig:
             raise ValueError(f"scheduler must be 'mlfq' or 'fcfs', got {self.scheduler!r}")
         if self.tensor_parallel < 1:
             raise ValueError(f"tensor_parallel must be >= 1, got {self.tensor_parallel}")
+        if self.num_processes > 1 and not self.coordinator_address:
+            raise ValueError("num_processes > 1 needs coordinator_address HOST:PORT")
+        if not 0 <= self.process_id < self.num_processes:
+            raise ValueError(f"process_id must be in [0, {self.num_processes}), got {self.process_id}")
 
     @property
     def max_pages_per_seq(self) -> int:

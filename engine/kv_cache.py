@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from engine.config import Buckets
+from engine.sharding import put_global, to_host
+from jax.sharding import NamedSharding, PartitionSpec as P
 from models.config import ModelConfig
 
 
@@ -30,7 +32,6 @@ def _scatter_pages(k, v, pages, k_new, v_new):
     return k.at[:, :, pages].set(k_new), v.at[:, :, pages].set(v_new)
 
 
-@jax.jit
 def _gather_pages(k, v, pages):
     return k[:, :, pages], v[:, :, pages]
 
@@ -43,6 +44,10 @@ class KVCache:
         self.cfg, self.num_pages, self.page_size = cfg, num_pages, page_size
         self.num_host_pages, self.dtype, self.buckets = num_host_pages, np.dtype(dtype), buckets
         self.guard = guard
+        self.sharding = sharding            # NamedSharding over KV heads under tensor parallel, else None
+        # Swap-out gathers to a replicated array so every process can read all KV heads.
+        rep = NamedSharding(sharding.mesh, P()) if sharding is not None else None
+        self._gather = jax.jit(_gather_pages, out_shardings=(rep, rep) if rep is not None else None)
         shape = (cfg.num_layers, cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
         make = functools.partial(jnp.zeros, shape, dtype)
         self.k = jax.jit(make, out_shardings=sharding)() if sharding is not None else make()
@@ -75,22 +80,32 @@ class KVCache:
 
     def _swap_out(self, pairs):
         for n, dev, host in self._chunks(pairs):
-            k, v = _gather_pages(self.k, self.v, jnp.asarray(dev))
-            self.host_k[:, :, host[:n]] = np.asarray(k)[:, :, :n]
-            self.host_v[:, :, host[:n]] = np.asarray(v)[:, :, :n]
+            k, v = to_host(self._gather(self.k, self.v, self._idx(dev)))
+            self.host_k[:, :, host[:n]] = k[:, :, :n]
+            self.host_v[:, :, host[:n]] = v[:, :, :n]
 
     def _swap_in(self, pairs):
         for n, host, dev in self._chunks(pairs):
             hk = self.host_k[:, :, host]
             hv = self.host_v[:, :, host]
-            self.k, self.v = _scatter_pages(self.k, self.v, jnp.asarray(dev), jnp.asarray(hk), jnp.asarray(hv))
+            self.k, self.v = _scatter_pages(self.k, self.v, self._idx(dev), self._put(hk), self._put(hv))
+
+    def _idx(self, pages: np.ndarray):
+        if self.sharding is not None and jax.process_count() > 1:
+            return put_global(pages, NamedSharding(self.sharding.mesh, P()))
+        return jnp.asarray(pages)
+
+    def _put(self, pages_kv: np.ndarray):
+        """Host pages f[L, Hkv, n, S, Dh] -> device, already split by KV head under TP."""
+        if self.sharding is not None:
+            return put_global(pages_kv, self.sharding)
+        return jnp.asarray(pages_kv)
 
     def warmup(self) -> None:
-        """Compile every swap bucket (moves the null page onto itself)."""
+        """Compile every swap bucket (copies the null page out and back onto itself)."""
         for n in self.buckets.swap_pages:
-            z = jnp.zeros(n, jnp.int32)
-            k, v = _gather_pages(self.k, self.v, z)
-            self.k, self.v = _scatter_pages(self.k, self.v, z, k, v)
+            self._swap_out([(0, 0)] * n)
+            self._swap_in([(0, 0)] * n)
         jax.block_until_ready(self.k)
 
 

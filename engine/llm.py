@@ -26,12 +26,32 @@ class LLM:
     .gguf file, HF directory, Ferry Orbax directory, or ``random:<shape>``),
     ``max_batch``, ``max_model_len``, ``scheduler`` ("mlfq" | "fcfs"),
     ``dtype``, ``num_pages``, ``tensor_parallel``, ...
+
+    Multi-host (``num_processes > 1``, ``coordinator_address``, ``process_id``):
+    run the same script on every process. Process 0's calls do the work; on the
+    other processes ``generate``/``chat`` mirror process 0's steps and return
+    the same outputs (see engine/distributed.py).
     """
 
     def __init__(self, model: str | None = None, **kwargs) -> None:
-        self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
+        config = EngineConfig(model=model, **kwargs)
+        self.multihost = config.num_processes > 1
+        if self.multihost:
+            from engine.distributed import MultiHostEngine, initialize
+            initialize(config.coordinator_address, config.num_processes, config.process_id)
+            self.engine = MultiHostEngine(config)
+        else:
+            self.engine = LLMEngine(config)
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
+
+    @classmethod
+    def from_engine(cls, engine: LLMEngine) -> "LLM":
+        """Wrap an existing single-process engine (e.g. one built with a preloaded bundle)."""
+        obj = cls.__new__(cls)
+        obj.engine, obj.tokenizer, obj.multihost = engine, engine.tokenizer, False
+        obj._ids = itertools.count()
+        return obj
 
     def _next_id(self) -> str:
         return f"llm-{next(self._ids)}"
@@ -43,6 +63,8 @@ class LLM:
         ``params`` is one SamplingParams for all prompts or one per prompt. All
         prompts are validated before any runs (a bad one raises ValueError).
         """
+        if self.multihost and not self.engine.is_leader:
+            return self._run([])
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -119,12 +141,25 @@ class LLM:
         return [res[f"job-{i}"] for i in range(len(jobs))]
 
     def _run(self, ids: list[str]) -> list[RequestOutput]:
+        if self.multihost and not self.engine.is_leader:
+            done = [o for o in self.engine.follow(until_release=True) if o.finished]
+            return sorted(done, key=lambda o: int(o.request_id.rsplit("-", 1)[1]))
         want, final = set(ids), {}
         while want - final.keys():
             for out in self.engine.step():
                 if out.finished and out.request_id in want:
                     final[out.request_id] = out
+        if self.multihost:
+            self.engine.release()
         return [final[i] for i in ids]
+
+    def close(self) -> None:
+        """Multi-host: process 0 releases the others; they wait here for it (call on every process)."""
+        if self.multihost:
+            if self.engine.is_leader:
+                self.engine.stop()
+            else:
+                self.engine.follow()
 
     def _drain(self) -> None:
         while self.engine._pending_final:

@@ -22,6 +22,7 @@ from engine.model_runner import ModelRunner, Row
 from engine.outputs import RequestOutput, TokenLogprob
 from engine.request import Request
 from engine.sampling_params import MAX_STOP_IDS, SamplingParams
+from models.llama import runtime_params
 from scheduler.plan import Plan
 
 log = logging.getLogger("ferry")
@@ -72,14 +73,32 @@ class LLMEngine:
             import dataclasses
             config = dataclasses.replace(config, max_model_len=self.max_model_len)
             self.config = config
-        self.params = jax.tree.map(lambda a: jnp.asarray(a, dtype), bundle.params)
+        # Tensor parallel: pad/replicate heads to divide the mesh, then shard (engine/sharding.py).
+        self.mesh, kv_sharding, compute_cfg, params = None, None, self.model_config, bundle.params
+        if config.tensor_parallel > 1:
+            from jax.sharding import NamedSharding
+            from engine import sharding as tp
+            layout = tp.head_layout(compute_cfg.num_heads, compute_cfg.num_kv_heads, config.tensor_parallel)
+            compute_cfg = tp.padded_config(compute_cfg, layout)
+            params = tp.relayout_params(params, self.model_config, layout)
+            self.mesh = tp.make_mesh(config.tensor_parallel)
+            params = runtime_params(params)
+            specs = tp.param_specs(params, compute_cfg, config.tensor_parallel)
+            self.params = tp.shard_params(params, specs, self.mesh, dtype)
+            kv_sharding = NamedSharding(self.mesh, tp.KV_SPEC)
+        else:
+            self.params = jax.tree.map(lambda a: jnp.asarray(a, dtype), runtime_params(params))
+        self.compute_config = compute_cfg
 
-        num_pages = config.num_pages or self._pages_from_memory(dtype)
+        # XLA:CPU upcasts bf16 scatters by converting the whole cache (measured 600 ms per decode
+        # step for SmolLM2), so on CPU the KV cache stays f32 whatever the weights' dtype.
+        kv_dtype = jnp.float32 if jax.default_backend() == "cpu" else dtype
+        num_pages = config.num_pages or self._pages_from_memory(kv_dtype)
         host_pages = config.num_host_pages if config.num_host_pages is not None else num_pages
         self.guard = CompileGuard(strict=config.strict_compile_guard)
-        self.kv = KVCache(self.model_config, num_pages, config.page_size, host_pages, dtype, config.buckets(),
-                          self.guard)
-        self.runner = ModelRunner(self.model_config, self.params, config, self.kv, dtype, self.guard)
+        self.kv = KVCache(compute_cfg, num_pages, config.page_size, host_pages, kv_dtype, config.buckets(),
+                          self.guard, sharding=kv_sharding)
+        self.runner = ModelRunner(compute_cfg, self.params, config, self.kv, dtype, self.guard, mesh=self.mesh)
         buckets = config.buckets()
         self.scheduler = Scheduler(SchedulerConfig(
             max_batch=config.max_batch, max_tokens_per_step=config.max_batch + buckets.prefill_tokens[-1],
@@ -88,6 +107,8 @@ class LLMEngine:
         self._requests: dict[str, Request] = {}
         self._pending_final: list[RequestOutput] = []
         self._rng = np.random.default_rng(config.seed)
+        self._fixed_clock = False          # multi-host: step() uses only the leader's clock
+        self.last_plan: Plan | None = None
         self.stats_totals = {"prompt_tokens_total": 0, "generation_tokens_total": 0}
         self.warmup_seconds = self.runner.warmup(progress=config.warmup_progress)
 
@@ -102,8 +123,9 @@ class LLMEngine:
         stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
         if stats and "bytes_limit" in stats:
             free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-            return pages_for_budget(self.model_config, self.config.page_size, dtype,
-                                    free * self.config.kv_memory_fraction)
+            # KV heads are split over the mesh: a page costs 1/tp of its bytes on each device.
+            return pages_for_budget(self.compute_config, self.config.page_size, dtype,
+                                    free * self.config.kv_memory_fraction * self.config.tensor_parallel)
         need = self.config.max_batch * self.config.max_pages_per_seq + 1
         cap = pages_for_budget(self.model_config, self.config.page_size, dtype,
                                self.config.cpu_kv_budget_gb * 2**30)
@@ -111,7 +133,7 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ requests
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
-                    priority: int = 0) -> None:
+                    priority: int = 0, now: float | None = None) -> None:
         """Validate and queue a request; raises ValueError with a clear message on bad input."""
         from models.detokenizer import IncrementalDetokenizer
 
@@ -142,7 +164,8 @@ class LLMEngine:
         seed = params.seed if params.seed is not None else int(self._rng.integers(0, 2**31 - 1))
         req = Request(request_id, text, ids, params, seed, stop_ids, IncrementalDetokenizer(self.tokenizer),
                       priority=priority)
-        self.scheduler.add(request_id, len(ids), params.max_tokens, time.monotonic(), priority=priority)
+        self.scheduler.add(request_id, len(ids), params.max_tokens, time.monotonic() if now is None else now,
+                           priority=priority)
         self._requests[request_id] = req
         self.stats_totals["prompt_tokens_total"] += len(ids)
 
@@ -159,12 +182,18 @@ class LLMEngine:
         return bool(self._requests) or bool(self._pending_final)
 
     # ------------------------------------------------------------------ the step
-    def step(self) -> list[RequestOutput]:
-        """Run one iteration; return outputs of requests that progressed or ended."""
+    def step(self, now: float | None = None) -> list[RequestOutput]:
+        """Run one iteration; return outputs of requests that progressed or ended.
+
+        ``now`` (monotonic seconds) is the scheduler's clock; multi-host runs pass
+        the leader's so every process makes the same decisions.
+        """
+        now = time.monotonic() if now is None else now
         outputs, self._pending_final = self._pending_final, []
         if not self._requests:
             return outputs
-        plan: Plan = self.scheduler.schedule(time.monotonic())
+        plan: Plan = self.scheduler.schedule(now)
+        self.last_plan = plan
         if plan.swap_out:
             self.kv.swap_out(list(plan.swap_out))
         if plan.swap_in:
@@ -190,7 +219,7 @@ class LLMEngine:
             self.stats_totals["generation_tokens_total"] += 1
             if req.finished:
                 finished.append(rid)
-        self.scheduler.on_step_done(plan, time.monotonic(), finished=finished)
+        self.scheduler.on_step_done(plan, now if self._fixed_clock else time.monotonic(), finished=finished)
         for rid in sampled:
             outputs.append(self._requests[rid].output())
         for rid in finished:

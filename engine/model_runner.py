@@ -21,6 +21,7 @@ import numpy as np
 from engine.compile_guard import CompileGuard
 from engine.config import Buckets, EngineConfig
 from engine.kv_cache import KVCache
+from engine.sharding import to_host
 from engine.sampling import SamplingBatch, host_rows, sample
 from kernels.compaction import nonzero
 from models.config import ModelConfig
@@ -72,14 +73,27 @@ class Row:
 
 
 class ModelRunner:
+    """Owns the jitted steps. With a tensor-parallel ``mesh``, ``params`` are already
+    sharded (engine/sharding.py) and the steps take explicit in/out shardings:
+    params as placed, KV pages split by KV head, everything else replicated."""
+
     def __init__(self, model_cfg: ModelConfig, params, ecfg: EngineConfig, kv: KVCache, dtype,
-                 guard: CompileGuard) -> None:
+                 guard: CompileGuard, mesh=None) -> None:
         self.cfg, self.params, self.ecfg, self.kv, self.guard = model_cfg, params, ecfg, kv, guard
         self.buckets: Buckets = ecfg.buckets()
         self.page_size = ecfg.page_size
-        mk = lambda mode: Llama(model_cfg, mode=mode, dtype=dtype, attn_impl=ecfg.attn_impl)  # noqa: E731
-        self._decode = jax.jit(functools.partial(_step, model_cfg, mk("decode")), donate_argnums=(1, 2))
-        self._prefill = jax.jit(functools.partial(_step, model_cfg, mk("prefill")), donate_argnums=(1, 2))
+        self.mesh = mesh
+        mk = lambda mode: Llama(model_cfg, mode=mode, dtype=dtype, attn_impl=ecfg.attn_impl, mesh=mesh)  # noqa: E731
+        jit_kw: dict = {"donate_argnums": (1, 2)}
+        self._replicated = None
+        if mesh is not None:
+            from jax.sharding import NamedSharding, PartitionSpec as P
+            rep = self._replicated = NamedSharding(mesh, P())
+            p_sh = jax.tree.map(lambda a: a.sharding, params)
+            jit_kw.update(in_shardings=(p_sh, kv.sharding, kv.sharding, rep, rep),
+                          out_shardings=(rep, kv.sharding, kv.sharding))
+        self._decode = jax.jit(functools.partial(_step, model_cfg, mk("decode")), **jit_kw)
+        self._prefill = jax.jit(functools.partial(_step, model_cfg, mk("prefill")), **jit_kw)
 
     # ------------------------------------------------------------------ host -> arrays
     def _inputs(self, rows: list[Row], B: int, N: int, C: int, prefill: bool):
@@ -106,12 +120,15 @@ class ModelRunner:
             i += n
         x = StepInputs(tokens, positions, slots, tables, seq_lens, max_tokens, last)
         sb = SamplingBatch(**host_rows([row.sampling for row in rows], B, C))
+        if self._replicated is not None and jax.process_count() > 1:
+            from engine.sharding import put_global           # numpy is not a global array across hosts
+            x, sb = jax.tree.map(lambda a: put_global(a, self._replicated), (x, sb))
         return x, sb
 
     def _run(self, fn, x, sb, where: str):
         with self.guard.watch(where):
             out, self.kv.k, self.kv.v = fn(self.params, self.kv.k, self.kv.v, x, sb)
-            return jax.device_get(out)
+            return to_host(out)
 
     def decode(self, rows: list[Row]) -> StepOutputs:
         """One token for each row (rows: at most max_batch)."""

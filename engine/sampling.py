@@ -34,6 +34,7 @@ class SamplingBatch:
     history: jax.Array         # i32[B, H] prompt + output tokens, -1 padded
     num_prompt: jax.Array      # i32[B]   history[:, :num_prompt] is the prompt
     stop_ids: jax.Array        # i32[B, MAX_STOP_IDS] -1 padded (EOS included unless ignore_eos)
+    num_logprobs: jax.Array    # i32[B]   top-n alternatives wanted (0: none)
 
 
 def host_rows(rows: list[tuple[SamplingParams, int, int, list[int], int, tuple[int, ...]]],
@@ -49,6 +50,7 @@ def host_rows(rows: list[tuple[SamplingParams, int, int, list[int], int, tuple[i
         "presence": np.zeros(B, np.float32), "frequency": np.zeros(B, np.float32),
         "repetition": np.ones(B, np.float32), "history": np.full((B, H), -1, np.int32),
         "num_prompt": np.zeros(B, np.int32), "stop_ids": np.full((B, MAX_STOP_IDS), -1, np.int32),
+        "num_logprobs": np.zeros(B, np.int32),
     }
     for i, (p, seed, step, toks, n_prompt, stops) in enumerate(rows):
         a["temperature"][i] = p.temperature
@@ -65,6 +67,7 @@ def host_rows(rows: list[tuple[SamplingParams, int, int, list[int], int, tuple[i
             a["history"][i, :n] = toks[-n:] if n else []
             a["num_prompt"][i] = max(0, n_prompt - (len(toks) - n))
         a["stop_ids"][i, :len(stops)] = stops
+        a["num_logprobs"][i] = p.logprobs or 0
     return a
 
 
@@ -101,19 +104,38 @@ def _filter(logits, sb: SamplingBatch):
     return jnp.take_along_axis(xs, inv, axis=-1)
 
 
+def _draw(logits, sb: SamplingBatch):
+    """Temperature / top-k / top-p / min-p sampling with per-row keys."""
+    filtered = _filter(logits, sb)
+    keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.PRNGKey(s), t))(sb.seed, sb.step)
+    return jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+
+
+def _top_logprobs(raw_lp):
+    top_lp, top_ids = jax.lax.top_k(raw_lp, MAX_LOGPROBS)
+    return top_lp, top_ids.astype(jnp.int32)
+
+
 def sample(logits, sb: SamplingBatch):
     """logits f32[B, V] -> (tokens i32[B], logprob f32[B], top_ids i32[B, N],
-    top_logprobs f32[B, N], hit_stop bool[B])."""
-    raw_lp = jax.nn.log_softmax(logits, axis=-1)
+    top_logprobs f32[B, N], hit_stop bool[B]).
+
+    The expensive parts are gated with ``lax.cond`` on per-row values, so an
+    all-greedy batch without logprobs pays only for an argmax and a logsumexp:
+    penalties (when any row has one), the full-vocabulary sort and random draw
+    (when any row samples), top-n alternatives (when any row wants logprobs;
+    otherwise they are returned as zeros / -inf).
+    """
+    B = logits.shape[0]
     any_pen = jnp.any((sb.presence != 0) | (sb.frequency != 0) | (sb.repetition != 1))
     pen = jax.lax.cond(any_pen, _apply_penalties, lambda l, _: l, logits, sb)
     greedy_tok = jnp.argmax(pen, axis=-1).astype(jnp.int32)
-    # The full-vocabulary sort only runs when some row samples.
-    filtered = jax.lax.cond(jnp.any(sb.temperature > 0), _filter, lambda l, _: l, pen, sb)
-    keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.PRNGKey(s), t))(sb.seed, sb.step)
-    drawn = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+    drawn = jax.lax.cond(jnp.any(sb.temperature > 0), _draw, lambda l, _: greedy_tok, pen, sb)
     tokens = jnp.where(sb.temperature > 0, drawn, greedy_tok)
-    lp = jnp.take_along_axis(raw_lp, tokens[:, None], axis=-1)[:, 0]
-    top_lp, top_ids = jax.lax.top_k(raw_lp, MAX_LOGPROBS)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    lp = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0] - lse
+    top_lp, top_ids = jax.lax.cond(
+        jnp.any(sb.num_logprobs > 0), lambda: _top_logprobs(logits - lse[:, None]),
+        lambda: (jnp.full((B, MAX_LOGPROBS), -jnp.inf, jnp.float32), jnp.zeros((B, MAX_LOGPROBS), jnp.int32)))
     hit_stop = jnp.any(tokens[:, None] == sb.stop_ids, axis=-1)
-    return tokens, lp, top_ids.astype(jnp.int32), top_lp, hit_stop
+    return tokens, lp, top_ids, top_lp, hit_stop

@@ -25,11 +25,12 @@ def paged_attention_reference(q, k_cache, v_cache, layer, block_tables, seq_lens
     _, Hkv, _, S, _ = k_cache.shape
     G = Hq // Hkv
     P_max = block_tables.shape[1]
-    # Gather this layer's pages for every row: [B, Hkv, P_max, S, Dh] -> [B, Hkv, C, Dh]
-    k = k_cache[layer][:, block_tables].transpose(1, 0, 2, 3, 4).reshape(B, Hkv, P_max * S, Dh)
-    v = v_cache[layer][:, block_tables].transpose(1, 0, 2, 3, 4).reshape(B, Hkv, P_max * S, Dh)
+    # One gather straight from the whole cache (no per-layer slice copy): [B, P_max, Hkv, S, Dh]
+    k = k_cache[layer, :, block_tables]
+    v = v_cache[layer, :, block_tables]
     qg = q.reshape(B, Hkv, G, Dh).astype(jnp.float32)
-    s = jnp.einsum("bhgd,bhcd->bhgc", qg, k.astype(jnp.float32)) * scale
+    s = jnp.einsum("bhgd,bphsd->bhgps", qg, k, preferred_element_type=jnp.float32) * scale
+    s = s.reshape(B, Hkv, G, P_max * S)
     if soft_cap is not None:
         s = soft_cap * jnp.tanh(s / soft_cap)
     mask = jnp.arange(P_max * S)[None, :] < seq_lens[:, None]          # [B, C]
@@ -38,9 +39,11 @@ def paged_attention_reference(q, k_cache, v_cache, layer, block_tables, seq_lens
     m = jnp.where(jnp.isfinite(m), m, 0.0)
     p = jnp.exp(s - m)
     l = jnp.sum(p, axis=-1, keepdims=True)
+    p = (p / jnp.maximum(l, 1e-30)).reshape(B, Hkv, G, P_max, S)
     # Masked slots may hold stale data from a page's previous owner: never let it in (0 * NaN).
-    v = jnp.where(mask[:, None, :, None], v.astype(jnp.float32), 0.0)
-    o = jnp.einsum("bhgc,bhcd->bhgd", p, v) / jnp.maximum(l, 1e-30)
+    vmask = mask.reshape(B, P_max, 1, S, 1)
+    v = jnp.where(vmask, v.astype(jnp.float32), 0.0)
+    o = jnp.einsum("bhgps,bphsd->bhgd", p, v)
     return o.reshape(B, Hq, Dh).astype(q.dtype)
 
 

@@ -32,8 +32,9 @@ def prefill_attention_reference(q, k_cache, v_cache, layer, block_table, positio
     _, Hkv, _, S, _ = k_cache.shape
     G = Hq // Hkv
     C = block_table.shape[0] * S
-    k = k_cache[layer][:, block_table].reshape(Hkv, C, Dh).astype(jnp.float32)
-    v = v_cache[layer][:, block_table].reshape(Hkv, C, Dh).astype(jnp.float32)
+    # One gather straight from the whole cache: [P_max, Hkv, S, Dh] -> [Hkv, C, Dh]
+    k = k_cache[layer, :, block_table].transpose(1, 0, 2, 3).reshape(Hkv, C, Dh).astype(jnp.float32)
+    v = v_cache[layer, :, block_table].transpose(1, 0, 2, 3).reshape(Hkv, C, Dh).astype(jnp.float32)
     qg = q.reshape(T, Hkv, G, Dh).astype(jnp.float32)
     s = jnp.einsum("thgd,hcd->hgtc", qg, k) * scale
     if soft_cap is not None:

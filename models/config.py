@@ -142,7 +142,17 @@ SHAPES: dict[str, ModelConfig] = {
         num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=500000.0,
         max_position_embeddings=8192, bos_token_id=128000, eos_token_ids=(128001, 128009),
         name="llama-3-8b"),
+    "smollm2-135m": ModelConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
+        num_kv_heads=3, head_dim=64, rope_theta=100000.0, tie_word_embeddings=True,
+        max_position_embeddings=8192, bos_token_id=1, eos_token_ids=(2,), name="smollm2-135m"),
     "tiny": ModelConfig(
         vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
         num_kv_heads=2, head_dim=16, max_position_embeddings=1024, eos_token_ids=(2,), name="tiny"),
+    # SmolLM2-like head grouping (3 KV heads, bias like Qwen2): under tensor parallel 2/4 its
+    # heads must be replicated / padded (engine/sharding.py).
+    "tiny-gqa3": ModelConfig(
+        vocab_size=512, hidden_size=96, intermediate_size=192, num_layers=2, num_heads=9,
+        num_kv_heads=3, head_dim=16, attention_bias=True,
+        max_position_embeddings=1024, eos_token_ids=(2,), name="tiny-gqa3"),
 }

@@ -12,10 +12,11 @@ import jax
 import jax.numpy as jnp
 
 from models.config import ModelConfig
-from models.llama import apply_rope, logits, rms_norm, rope_inv_freq
+from models.llama import apply_rope, rms_norm, rope_inv_freq
 
 
 def _forward(cfg: ModelConfig, params, ids):
+    """Storage-layout params (models/config.py), dense causal attention, no cache."""
     c, lp = cfg, params["layers"]
     T = ids.shape[0]
     pos = jnp.arange(T, dtype=jnp.int32)
@@ -38,7 +39,8 @@ def _forward(cfg: ModelConfig, params, ids):
         h = h + o @ lp["wo"][i]
         x = rms_norm(h, lp["mlp_norm"][i], c.rms_norm_eps)
         h = h + (jax.nn.silu(x @ lp["w_gate"][i]) * (x @ lp["w_up"][i])) @ lp["w_down"][i]
-    return logits(c, params, rms_norm(h, params["final_norm"], c.rms_norm_eps))
+    w = params["embed"].T if c.tie_word_embeddings else params["lm_head"]          # [D, V]
+    return rms_norm(h, params["final_norm"], c.rms_norm_eps) @ w
 
 
 def naive_logits(cfg: ModelConfig, params, ids) -> jax.Array:

@@ -35,20 +35,20 @@ class ByteTokenizer:
 
 
 def random_params(cfg: ModelConfig, seed: int = 0, dtype=np.float32) -> dict:
-    """numpy params in Ferry's layout (see models/config.py), N(0, 0.02) weights, unit norms."""
+    """numpy params in Ferry's layout (see models/config.py): N(0, 1/fan_in) weights, unit norms."""
     rng = np.random.default_rng(seed)
     L, D, F, V = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
 
-    def w(*shape):
-        return (rng.standard_normal(shape, np.float32) * 0.02).astype(dtype)
+    def w(*shape):   # std 1/sqrt(fan_in): activations keep unit scale, so outputs are not degenerate
+        return (rng.standard_normal(shape, np.float32) / np.sqrt(shape[-2])).astype(dtype)
 
     layers = {"attn_norm": np.ones((L, D), dtype), "mlp_norm": np.ones((L, D), dtype),
               "wq": w(L, D, q), "wk": w(L, D, kv), "wv": w(L, D, kv), "wo": w(L, q, D),
               "w_gate": w(L, D, F), "w_up": w(L, D, F), "w_down": w(L, F, D)}
     if cfg.attention_bias:
         layers.update(bq=w(L, q), bk=w(L, kv), bv=w(L, kv))
-    params = {"embed": w(V, D), "final_norm": np.ones((D,), dtype), "layers": layers}
+    params = {"embed": rng.standard_normal((V, D), np.float32).astype(dtype), "final_norm": np.ones((D,), dtype), "layers": layers}
     if not cfg.tie_word_embeddings:
         params["lm_head"] = w(D, V)
     return params

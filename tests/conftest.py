@@ -21,14 +21,9 @@ def llm(default_bundle):
     from engine.config import EngineConfig
     from engine.llm import LLM
     from engine.llm_engine import LLMEngine
-    obj = LLM.__new__(LLM)
-    obj.engine = LLMEngine(EngineConfig(max_batch=8, max_model_len=256, max_prefill_chunk=64, num_pages=96,
-                                        num_host_pages=64, strict_compile_guard=True, warmup_progress=False),
-                           bundle=default_bundle)
-    obj.tokenizer = obj.engine.tokenizer
-    import itertools
-    obj._ids = itertools.count()
-    return obj
+    return LLM.from_engine(LLMEngine(EngineConfig(
+        max_batch=8, max_model_len=256, max_prefill_chunk=64, num_pages=96, num_host_pages=64,
+        strict_compile_guard=True, warmup_progress=False), bundle=default_bundle))
 
 
 @pytest.fixture(scope="session")

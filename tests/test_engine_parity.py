@@ -71,9 +71,8 @@ def test_last_position_logits_match_hf(llm, hf_model, prompts):
         assert rel < 1e-4, rel
 
 
-def test_paged_engine_equals_naive_recompute(llm):
-    eng = llm.engine
+def test_paged_engine_equals_naive_recompute(llm, default_bundle):
     ids = llm.tokenizer.encode("The quick brown fox jumps over the lazy dog because")
-    ref = naive_greedy(eng.model_config, eng.params, ids, 12)
+    ref = naive_greedy(default_bundle.config, default_bundle.params, ids, 12)
     out = llm.generate([ids], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))[0]
     assert list(out.token_ids) == ref

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from models.config import SHAPES
-from models.llama import AttnMeta, Llama, init_params, logits
+from models.llama import AttnMeta, Llama, init_params, logits, runtime_params
 from models.naive import naive_logits
 
 S = 4   # page size
@@ -29,6 +29,7 @@ def test_chunked_prefill_then_decode_matches_naive(cfg):
     ids = rng.integers(0, cfg.vocab_size, n_total)
     pages = rng.permutation(np.arange(1, 32))[:8].astype(np.int32)    # shuffled, never the null page
     ref = np.asarray(naive_logits(cfg, params, ids))
+    params = runtime_params(params)
     pre = Llama(cfg, mode="prefill", attn_impl="reference")
     dec = Llama(cfg, mode="decode", attn_impl="reference")
     n_prompt = 13

@@ -20,13 +20,18 @@ def _row(p, seed=0, step=0, toks=(), n_prompt=0, stops=()):
 def test_greedy_is_argmax_and_stop_detected():
     lg = jnp.asarray(np.random.default_rng(1).normal(size=(3, V)), jnp.float32)
     am = np.asarray(jnp.argmax(lg, -1))
-    sb = _batch([_row(SamplingParams(temperature=0)), _row(SamplingParams(temperature=0), stops=(int(am[1]),)),
+    sb = _batch([_row(SamplingParams(temperature=0, logprobs=3)),
+                 _row(SamplingParams(temperature=0), stops=(int(am[1]),)),
                  _row(SamplingParams(temperature=0), stops=(int(am[2]) + 1,))])
     tok, lp, top_ids, top_lp, hit = sample(lg, sb)
     np.testing.assert_array_equal(np.asarray(tok), am)
     np.testing.assert_array_equal(np.asarray(hit), [False, True, False])
     np.testing.assert_allclose(np.asarray(lp), np.asarray(jax.nn.log_softmax(lg)[jnp.arange(3), am]), rtol=1e-6)
-    assert np.all(np.asarray(top_ids)[:, 0] == am)
+    assert np.all(np.asarray(top_ids)[:, 0] == am)            # one row wants logprobs: computed for all
+    np.testing.assert_allclose(np.asarray(top_lp)[:, 0], np.asarray(lp), rtol=1e-6)
+    # nobody wants logprobs: the top-n pass is skipped
+    _, _, _, top_lp2, _ = sample(lg, _batch([_row(SamplingParams(temperature=0))] * 3))
+    assert np.all(np.isneginf(np.asarray(top_lp2)))
 
 
 def test_seeded_sampling_reproducible_and_batch_independent():

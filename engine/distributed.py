@@ -1,0 +1,182 @@
+"""Multi-host runs: ``jax.distributed`` + one engine replica per process, driven in lockstep.
+
+Every process builds the same ``LLMEngine`` over one global mesh (tensor
+parallel across all processes' devices) and must run exactly the same jitted
+steps in the same order, or the collectives inside them deadlock.
+
+How the processes agree (a deterministic scheduler fed the same inputs, not a
+broadcast of each Plan): process 0 (the leader) takes requests; at every step
+it broadcasts the commands that arrived since the previous step (add with the
+token ids and a resolved seed, abort, stop) plus its clock reading. Each
+follower applies the same commands to its replica and steps with the leader's
+clock, so its scheduler produces the same Plan. Commands are a few hundred
+bytes per step where a Plan with block tables and swap lists is larger and
+would still need the requests' tokens on every process. A digest of the
+previous Plan rides along with every broadcast and followers check it, so a
+divergence fails loudly instead of deadlocking later.
+
+The broadcast moves a fixed-size ``u8[CHUNK]`` buffer (several when needed)
+so it compiles once, during start-up. Payloads are pickled: the processes of
+one job trust each other (the same trust the JAX coordinator already assumes).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import pickle
+import time
+
+import numpy as np
+
+CHUNK = 1 << 16            # bytes per broadcast program
+
+
+def initialize(coordinator_address: str, num_processes: int, process_id: int) -> None:
+    """``jax.distributed.initialize`` with CPU collectives over gloo (used by the CPU tests)."""
+    import jax
+    if not 0 <= process_id < num_processes:
+        raise ValueError(f"process_id must be in [0, {num_processes}), got {process_id}")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                               process_id=process_id)
+
+
+def broadcast_bytes(payload: bytes | None) -> bytes:
+    """Process 0's ``payload`` on every process (others pass None)."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    leader = jax.process_index() == 0
+    data = payload if leader else b""
+    buf = np.zeros(CHUNK, np.uint8)
+    if leader:
+        head = len(data).to_bytes(8, "little") + data[:CHUNK - 8]
+        buf[:len(head)] = np.frombuffer(head, np.uint8)
+    first = np.asarray(multihost_utils.broadcast_one_to_all(buf))
+    n = int.from_bytes(first[:8].tobytes(), "little")
+    out = [first[8:8 + n].tobytes()]
+    got = min(n, CHUNK - 8)
+    while got < n:
+        buf = np.zeros(CHUNK, np.uint8)
+        if leader:
+            part = data[got:got + CHUNK]
+            buf[:len(part)] = np.frombuffer(part, np.uint8)
+        chunk = np.asarray(multihost_utils.broadcast_one_to_all(buf))
+        take = min(CHUNK, n - got)
+        out.append(chunk[:take].tobytes())
+        got += take
+    return b"".join(out)
+
+
+def plan_digest(plan) -> str:
+    return hashlib.sha1(repr(plan).encode()).hexdigest()[:16] if plan is not None else ""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Sync:
+    commands: tuple        # ("add", rid, ids, params, priority) | ("abort", rid) | ("stop",)
+    now: float
+    prev_plan: str
+
+
+class MultiHostEngine:
+    """``LLMEngine`` API on every process; only the leader's add/abort calls count.
+
+    Leader: use it like an ``LLMEngine`` (``add_request``, ``abort_request``,
+    ``step``, ...). Followers: call ``follow()``, which steps in lockstep until
+    the leader calls ``stop()``.
+    """
+
+    def __init__(self, config) -> None:
+        import jax
+        from engine.llm_engine import LLMEngine
+
+        self.engine = LLMEngine(config)
+        self.engine._fixed_clock = True
+        self.is_leader = jax.process_index() == 0
+        self._commands: list[tuple] = []
+        self._seed_rng = np.random.default_rng(config.seed)
+        self.stopped = False
+        self.released = False
+        broadcast_bytes(pickle.dumps(None) if self.is_leader else None)     # compile the broadcast now
+
+    def __getattr__(self, name):          # tokenizer, model_config, max_model_len, stats, ...
+        return getattr(self.engine, name)
+
+    # ----------------------------------------------------------------- leader side
+    def add_request(self, request_id, prompt, params=None, priority: int = 0, now: float | None = None) -> None:
+        """Validate on the leader (ValueError as usual), then queue the add for every process."""
+        from engine.sampling_params import SamplingParams
+        if not self.is_leader:
+            raise RuntimeError("only process 0 takes requests; followers call follow()")
+        params = params if params is not None else SamplingParams()
+        if isinstance(params, SamplingParams) and params.seed is None:
+            params = dataclasses.replace(params, seed=int(self._seed_rng.integers(0, 2**31 - 1)))
+        if isinstance(prompt, str):
+            prompt = self.engine.tokenizer.encode(prompt)
+        now = time.monotonic() if now is None else now
+        self.engine.add_request(request_id, prompt, params, priority=priority, now=now)
+        self._commands.append(("add", request_id, list(prompt), params, priority, now))
+
+    def abort_request(self, request_id: str) -> None:
+        if self.is_leader:
+            self.engine.abort_request(request_id)
+            self._commands.append(("abort", request_id))
+
+    def release(self) -> None:
+        """Leader: end the followers' current ``follow(until_release=True)`` (end of a generate call)."""
+        if self.is_leader:
+            self._commands.append(("release",))
+            self._sync()
+
+    def stop(self) -> None:
+        """Leader: release the followers (their ``follow()`` returns)."""
+        if self.is_leader and not self.stopped:
+            self._commands.append(("stop",))
+            self._sync()
+            self.stopped = True
+
+    # ----------------------------------------------------------------- both sides
+    def _sync(self) -> _Sync:
+        self.released = False
+        mine = plan_digest(self.engine.last_plan)
+        payload = None
+        if self.is_leader:
+            payload = pickle.dumps(_Sync(tuple(self._commands), time.monotonic(), mine))
+            self._commands = []
+        with self.engine.guard.watch("multi-host broadcast"):
+            sync: _Sync = pickle.loads(broadcast_bytes(payload))
+        if sync.prev_plan != mine:
+            raise RuntimeError(f"multi-host divergence: leader's last plan {sync.prev_plan}, this process's {mine}")
+        if not self.is_leader:
+            for cmd in sync.commands:
+                if cmd[0] == "add":
+                    _, rid, ids, params, priority, now = cmd
+                    self.engine.add_request(rid, ids, params, priority=priority, now=now)
+                elif cmd[0] == "abort":
+                    self.engine.abort_request(cmd[1])
+                elif cmd[0] == "stop":
+                    self.stopped = True
+                elif cmd[0] == "release":
+                    self.released = True
+        return sync
+
+    def step(self):
+        """One lockstep iteration (leader and followers alike)."""
+        sync = self._sync()
+        if self.stopped:
+            return []
+        return self.engine.step(now=sync.now)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.engine.has_unfinished_requests() or bool(self._commands)
+
+    def follow(self, until_release: bool = False) -> list:
+        """Follower loop: mirror the leader's steps until it stops (or releases); returns the
+        outputs this replica produced (identical to the leader's)."""
+        outs = []
+        while not self.stopped:
+            outs += self.step()
+            if until_release and self.released:
+                break
+        return outs

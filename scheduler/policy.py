@@ -1,0 +1,35 @@
+"""Scheduling policy interface: who goes first. The Scheduler does pages and batching.
+
+A policy ranks live jobs each iteration (``order``), is told when jobs join
+(``on_add``) and how much service each batch member received (``on_served``),
+and may reshuffle priorities over time (``refresh``: starvation guard).
+"""
+from __future__ import annotations
+
+from scheduler.request_state import Job
+
+
+class Policy:
+    name = "policy"
+
+    def __init__(self) -> None:
+        self.demotions = 0
+        self.promotions = 0
+
+    def on_add(self, job: Job, now: float) -> None:
+        job.enqueued = now
+        job.last_run = now
+
+    def refresh(self, jobs: list[Job], now: float) -> None:
+        """Called at the start of every ``schedule``."""
+
+    def order(self, jobs: list[Job]) -> list[Job]:
+        """Jobs from highest to lowest priority."""
+        raise NotImplementedError
+
+    def on_served(self, job: Job, seconds: float, now: float) -> None:
+        """``job`` was in the batch of an iteration that took ``seconds``."""
+        job.last_run = now
+
+    def queue_stats(self, waiting: list[Job]) -> dict[str, int]:
+        return {"waiting": len(waiting)}

@@ -1,0 +1,55 @@
+"""A job as the scheduler sees it: token counts, pages, queue, and a small state machine.
+
+    WAITING --schedule--> RUNNING --left out--> PREEMPTED (KV kept on device)
+       ^                     |  \\--offload--> SWAPPED (KV on host) --upload--> PREEMPTED
+       |                     |                    |
+       +---- recompute (KV dropped) <-------------+
+    any --finish--> FINISHED          any --abort--> ABORTED
+
+The engine owns the tokens; the scheduler only counts them: ``known`` tokens
+(prompt + generated) of which ``num_computed`` have KV in the cache.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+
+class State(enum.Enum):
+    WAITING = "waiting"        # no KV anywhere (new, or dropped for recompute)
+    RUNNING = "running"        # in the last iteration's batch
+    PREEMPTED = "preempted"    # left out; KV on device
+    SWAPPED = "swapped"        # left out; KV on host
+    FINISHED = "finished"
+    ABORTED = "aborted"
+
+
+@dataclasses.dataclass(eq=False)
+class Job:
+    rid: str
+    prompt_len: int
+    max_tokens: int
+    arrival: float
+    priority: int = 0
+    state: State = State.WAITING
+    generated: int = 0
+    num_computed: int = 0
+    pages: list[int] = dataclasses.field(default_factory=list)        # device pages, in order
+    host_pages: list[int] = dataclasses.field(default_factory=list)   # host pages while SWAPPED
+    queue: int = 0                 # MLFQ level (0 = highest priority)
+    used: float = 0.0              # service time in the current queue (seconds)
+    enqueued: float = 0.0          # when it entered its current queue (FCFS order inside a queue)
+    last_run: float = 0.0          # last time it was in a batch (starvation guard)
+
+    @property
+    def known(self) -> int:
+        return self.prompt_len + self.generated
+
+    @property
+    def done(self) -> bool:
+        return self.state in (State.FINISHED, State.ABORTED)
+
+    @property
+    def num_pages(self) -> int:
+        """Pages holding its KV, wherever they are."""
+        return len(self.host_pages) if self.state == State.SWAPPED else len(self.pages)

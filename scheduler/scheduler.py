@@ -1,0 +1,241 @@
+"""The scheduler facade the engine and the simulator drive: one ``Plan`` per iteration.
+
+Each ``schedule(now)``:
+1. the policy refreshes priorities (starvation guard) and ranks live jobs;
+2. the batch is filled in rank order up to ``max_batch`` rows and
+   ``max_tokens_per_step`` tokens (prefill chunks <= ``max_prefill_chunk``);
+   a job needing device pages gets them from the free pool, else by evicting
+   lower-ranked jobs not in the batch: their KV is offloaded to host pages
+   (swap-out) or, with no host room, dropped (recompute later);
+3. a swapped job chosen to run is uploaded first (swap-in);
+4. proactive KV management: while free device pages are under the watermark,
+   the lowest-ranked idle jobs are offloaded ahead of need; while there is room
+   above it, the highest-ranked swapped jobs are uploaded ahead of their turn
+   (the copies overlap the step, JAX dispatch being asynchronous);
+5. running jobs left out are preempted at the token boundary (KV stays put).
+Every decision is in the returned Plan; pages are allocated when it is made.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from scheduler.block_manager import PagePool, check_ownership
+from scheduler.cost_model import CostModel
+from scheduler.fcfs import FCFS
+from scheduler.mlfq import SkipJoinMLFQ
+from scheduler.plan import Plan, WorkItem
+from scheduler.request_state import Job, State
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    max_batch: int
+    max_tokens_per_step: int
+    max_prefill_chunk: int
+    page_size: int
+    num_device_pages: int              # including the null page 0
+    num_host_pages: int
+    policy: str = "mlfq"               # "mlfq" | "fcfs"
+    num_queues: int = 6
+    base_quantum: float = 0.25         # seconds of iteration time in Q0
+    quantum_ratio: float = 2.0
+    starve_limit: float = 30.0         # seconds without running -> promoted to Q0
+    offload_watermark: float = 0.10    # keep this fraction of device pages free (proactive offload)
+    cost_model: CostModel | None = None
+
+    def __post_init__(self) -> None:
+        if self.policy not in ("mlfq", "fcfs"):
+            raise ValueError(f"policy must be 'mlfq' or 'fcfs', got {self.policy!r}")
+        if min(self.max_batch, self.max_tokens_per_step, self.max_prefill_chunk, self.page_size) < 1:
+            raise ValueError("max_batch, max_tokens_per_step, max_prefill_chunk and page_size must be >= 1")
+        if self.num_device_pages < 2:
+            raise ValueError("need at least 2 device pages (page 0 is the null page)")
+
+
+class Scheduler:
+    def __init__(self, cfg: SchedulerConfig) -> None:
+        self.cfg = cfg
+        self.cost = cfg.cost_model or CostModel()
+        self.policy = (SkipJoinMLFQ(self.cost, cfg.num_queues, cfg.base_quantum, cfg.quantum_ratio, cfg.starve_limit)
+                       if cfg.policy == "mlfq" else FCFS())
+        self.device = PagePool(cfg.num_device_pages, first=1)
+        self.host = PagePool(cfg.num_host_pages)
+        self.jobs: dict[str, Job] = {}
+        self._last_cost = 0.0
+        self.counters = {"preemptions": 0, "swap_out_pages": 0, "swap_in_pages": 0, "recomputes": 0,
+                         "finished": 0, "aborted": 0}
+
+    # ------------------------------------------------------------------ jobs in / out
+    def pages_for(self, tokens: int) -> int:
+        return -(-tokens // self.cfg.page_size)
+
+    def add(self, rid: str, prompt_len: int, max_tokens: int, now: float, priority: int = 0) -> None:
+        if rid in self.jobs:
+            raise ValueError(f"duplicate request id {rid!r}")
+        if prompt_len < 1 or max_tokens < 1:
+            raise ValueError("prompt_len and max_tokens must be >= 1")
+        need = self.pages_for(prompt_len + max_tokens)
+        if need > self.device.total:
+            raise ValueError(f"request needs {need} KV pages but the device has {self.device.total}: "
+                             f"prompt + max_tokens = {prompt_len + max_tokens} tokens is too long for this cache")
+        job = Job(rid, prompt_len, max_tokens, now, priority)
+        self.policy.on_add(job, now)
+        self.jobs[rid] = job
+
+    def abort(self, rid: str) -> None:
+        self._release(rid, State.ABORTED)
+
+    def _release(self, rid: str, state: State) -> None:
+        job = self.jobs.pop(rid, None)
+        if job is None:
+            return
+        self.device.free(job.pages)
+        self.host.free(job.host_pages)
+        job.pages, job.host_pages, job.state = [], [], state
+        self.counters["finished" if state == State.FINISHED else "aborted"] += 1
+
+    # ------------------------------------------------------------------ planning
+    def schedule(self, now: float) -> Plan:
+        cfg = self.cfg
+        live = list(self.jobs.values())
+        self.policy.refresh(live, now)
+        order = self.policy.order(live)
+        rank = {j.rid: i for i, j in enumerate(order)}
+        chosen: dict[str, WorkItem] = {}
+        evicted: set[str] = set()
+        swap_out: list[tuple[int, int]] = []
+        swap_in: list[tuple[int, int]] = []
+        dropped: list[str] = []
+        budget = cfg.max_tokens_per_step
+
+        def evict(victim: Job, allow_drop: bool) -> bool:
+            n = len(victim.pages)
+            if self.host.num_free >= n:
+                host = self.host.allocate(n)
+                swap_out.extend(zip(victim.pages, host))
+                self.counters["swap_out_pages"] += n
+                victim.host_pages, victim.state = host, State.SWAPPED
+            elif allow_drop:
+                victim.num_computed, victim.state = 0, State.WAITING
+                dropped.append(victim.rid)
+                self.counters["recomputes"] += 1
+            else:
+                return False
+            self.device.free(victim.pages)
+            victim.pages = []
+            evicted.add(victim.rid)
+            return True
+
+        def idle_on_device(below_rank: int):
+            """Device-resident jobs not in the batch, lowest rank first."""
+            return [v for v in reversed(order) if rank[v.rid] > below_rank and v.rid not in chosen and v.pages]
+
+        for job in order:
+            if len(chosen) >= cfg.max_batch or budget < 1:
+                break
+            if job.rid in evicted:
+                continue
+            need = job.known - job.num_computed
+            n = 1 if need <= 1 else min(need, cfg.max_prefill_chunk, budget)
+            new = self.pages_for(job.num_computed + n) - job.num_pages
+            want = max(new, 0) + (len(job.host_pages) if job.state == State.SWAPPED else 0)
+            for victim in idle_on_device(rank[job.rid]):
+                if self.device.num_free >= want:
+                    break
+                evict(victim, allow_drop=True)
+            if self.device.num_free < want:
+                continue
+            if job.state == State.SWAPPED:
+                dev = self.device.allocate(len(job.host_pages))
+                swap_in.extend(zip(job.host_pages, dev))
+                self.counters["swap_in_pages"] += len(dev)
+                self.host.free(job.host_pages)
+                job.pages, job.host_pages = dev, []
+            if new > 0:
+                job.pages += self.device.allocate(new)
+            chosen[job.rid] = WorkItem(job.rid, job.num_computed, n, job.num_computed + n >= job.known)
+            budget -= n
+
+        # Proactive KV management (FastServe): keep a free margin on device by offloading the
+        # jobs that will run last; upload the next swapped jobs while there is room above it.
+        margin = int(cfg.offload_watermark * self.device.total)
+        for victim in idle_on_device(-1):
+            if self.device.num_free >= margin:
+                break
+            if not evict(victim, allow_drop=False):
+                break
+        for job in order:
+            if job.state != State.SWAPPED or job.rid in evicted or job.rid in chosen:
+                continue
+            if self.device.num_free - len(job.host_pages) < margin:
+                break
+            dev = self.device.allocate(len(job.host_pages))
+            swap_in.extend(zip(job.host_pages, dev))
+            self.counters["swap_in_pages"] += len(dev)
+            self.host.free(job.host_pages)
+            job.pages, job.host_pages, job.state = dev, [], State.PREEMPTED
+
+        preempted = []
+        for job in live:
+            if job.rid in chosen:
+                job.state = State.RUNNING
+            elif job.state == State.RUNNING:
+                job.state = State.PREEMPTED if job.pages else job.state
+                preempted.append(job.rid)
+        self.counters["preemptions"] += len(preempted)
+
+        work = sorted(chosen.values(), key=lambda w: w.num_tokens == 1)       # prefill chunks first
+        prefill = sum(w.num_tokens for w in work if w.num_tokens > 1)
+        rows = sum(1 for w in work if w.num_tokens == 1)
+        ctx = sum(w.start + w.num_tokens for w in work)
+        self._last_cost = self.cost.iteration_time(prefill, rows, ctx, len(swap_out) + len(swap_in))
+        return Plan(tuple(work), tuple(swap_out), tuple(swap_in), tuple(preempted), tuple(dropped))
+
+    def on_step_done(self, plan: Plan, now: float, finished=()) -> None:
+        """Advance token counts, charge service time, release finished jobs."""
+        for w in plan.work:
+            job = self.jobs.get(w.request_id)
+            if job is None:                       # aborted while the step ran
+                continue
+            job.num_computed = w.start + w.num_tokens
+            if w.sample:
+                job.generated += 1
+            self.policy.on_served(job, self._last_cost, now)
+        for rid in finished:
+            self._release(rid, State.FINISHED)
+
+    @property
+    def last_iteration_cost(self) -> float:
+        """Cost-model seconds of the last planned iteration (the simulator's clock step)."""
+        return self._last_cost
+
+    # ------------------------------------------------------------------ queries
+    def block_table(self, rid: str) -> list[int]:
+        return list(self.jobs[rid].pages)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.jobs)
+
+    def num_waiting(self) -> int:
+        return sum(1 for j in self.jobs.values() if j.state != State.RUNNING)
+
+    def check_invariants(self) -> None:
+        """Every page free xor owned by exactly one live job (tests call this)."""
+        check_ownership(self.jobs.values(), self.device, self.host)
+        for j in self.jobs.values():
+            assert not (j.pages and j.host_pages), f"{j.rid} has KV on device and host"
+            assert j.state != State.SWAPPED or not j.pages, f"{j.rid} swapped but owns device pages"
+
+    def stats(self) -> dict:
+        jobs = list(self.jobs.values())
+        waiting = [j for j in jobs if j.state != State.RUNNING]
+        s = dict(self.policy.queue_stats(waiting))
+        s.update(
+            running=sum(j.state == State.RUNNING for j in jobs),
+            preempted=sum(j.state == State.PREEMPTED for j in jobs),
+            swapped=sum(j.state == State.SWAPPED for j in jobs),
+            waiting=len(waiting),
+            device_pages_used=self.device.num_used, device_pages_total=self.device.total,
+            host_pages_used=self.host.num_used, host_pages_total=self.host.total,
+            demotions=self.policy.demotions, promotions=self.policy.promotions, **self.counters)
+        return s
