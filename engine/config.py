@@ -67,6 +67,9 @@ class EngineConfig:
     cpu_kv_budget_gb: float = 2.0       # KV budget on CPU when num_pages is None
     num_host_pages: int | None = None   # host swap pages (None: same as device pages)
     scheduler: str = "mlfq"             # "mlfq" | "fcfs"
+    mlfq_base_quantum: float = 0.25     # seconds of iteration time in the top queue
+    mlfq_starve_limit: float = 30.0     # seconds without running -> promoted to the top queue
+    cost_model: str | None = None       # JSON from scripts/profile_cost_model.py (None: CPU default)
     attn_impl: str = "auto"             # "auto" | "reference" | "pallas"
     tensor_parallel: int = 1            # devices in the tensor-parallel mesh (across all processes)
     coordinator_address: str | None = None   # multi-host: "HOST:PORT" of process 0 (jax.distributed)

@@ -52,18 +52,21 @@ class KVCache:
         make = functools.partial(jnp.zeros, shape, dtype)
         self.k = jax.jit(make, out_shardings=sharding)() if sharding is not None else make()
         self.v = jax.jit(make, out_shardings=sharding)() if sharding is not None else make()
-        hshape = (cfg.num_layers, cfg.num_kv_heads, max(num_host_pages, 1), page_size, cfg.head_dim)
+        # One extra host page (index num_host_pages) is the scratch sink/source of bucket padding,
+        # so padded copies never touch a real host page or a real device page (only the null page).
+        self.scratch = num_host_pages
+        hshape = (cfg.num_layers, cfg.num_kv_heads, num_host_pages + 1, page_size, cfg.head_dim)
         self.host_k = np.zeros(hshape, self.dtype)
         self.host_v = np.zeros(hshape, self.dtype)
 
     # ---------------------------------------------------------------- swaps
-    def _chunks(self, pairs):
+    def _chunks(self, pairs, pad_src: int, pad_dst: int):
         big = self.buckets.swap_pages[-1]
         for i in range(0, len(pairs), big):
             part = pairs[i:i + big]
             n = Buckets.pick(self.buckets.swap_pages, len(part))
-            src = np.zeros(n, np.int32)
-            dst = np.zeros(n, np.int32)
+            src = np.full(n, pad_src, np.int32)
+            dst = np.full(n, pad_dst, np.int32)
             src[:len(part)] = [a for a, _ in part]
             dst[:len(part)] = [b for _, b in part]
             yield len(part), src, dst
@@ -79,13 +82,13 @@ class KVCache:
             self._swap_in(pairs)
 
     def _swap_out(self, pairs):
-        for n, dev, host in self._chunks(pairs):
+        for n, dev, host in self._chunks(pairs, 0, self.scratch):
             k, v = to_host(self._gather(self.k, self.v, self._idx(dev)))
             self.host_k[:, :, host[:n]] = k[:, :, :n]
             self.host_v[:, :, host[:n]] = v[:, :, :n]
 
     def _swap_in(self, pairs):
-        for n, host, dev in self._chunks(pairs):
+        for n, host, dev in self._chunks(pairs, self.scratch, 0):
             hk = self.host_k[:, :, host]
             hv = self.host_v[:, :, host]
             self.k, self.v = _scatter_pages(self.k, self.v, self._idx(dev), self._put(hk), self._put(hv))
@@ -104,8 +107,8 @@ class KVCache:
     def warmup(self) -> None:
         """Compile every swap bucket (copies the null page out and back onto itself)."""
         for n in self.buckets.swap_pages:
-            self._swap_out([(0, 0)] * n)
-            self._swap_in([(0, 0)] * n)
+            self._swap_out([(0, self.scratch)] * n)
+            self._swap_in([(self.scratch, 0)] * n)
         jax.block_until_ready(self.k)
 
 

@@ -23,6 +23,7 @@ from engine.outputs import RequestOutput, TokenLogprob
 from engine.request import Request
 from engine.sampling_params import MAX_STOP_IDS, SamplingParams
 from models.llama import runtime_params
+from scheduler.cost_model import CostModel
 from scheduler.plan import Plan
 
 log = logging.getLogger("ferry")
@@ -103,7 +104,9 @@ class LLMEngine:
         self.scheduler = Scheduler(SchedulerConfig(
             max_batch=config.max_batch, max_tokens_per_step=config.max_batch + buckets.prefill_tokens[-1],
             max_prefill_chunk=buckets.prefill_tokens[-1], page_size=config.page_size,
-            num_device_pages=num_pages, num_host_pages=host_pages, policy=config.scheduler))
+            num_device_pages=num_pages, num_host_pages=host_pages, policy=config.scheduler,
+            base_quantum=config.mlfq_base_quantum, starve_limit=config.mlfq_starve_limit,
+            cost_model=CostModel.load(config.cost_model) if config.cost_model else None))
         self._requests: dict[str, Request] = {}
         self._pending_final: list[RequestOutput] = []
         self._rng = np.random.default_rng(config.seed)

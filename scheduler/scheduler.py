@@ -107,6 +107,9 @@ class Scheduler:
         swap_in: list[tuple[int, int]] = []
         dropped: list[str] = []
         budget = cfg.max_tokens_per_step
+        # Host pages read by this plan's swap-ins are freed only after planning: the engine runs all
+        # swap-outs before the swap-ins, so a swap-out must never write a page a swap-in still reads.
+        host_to_free: list[int] = []
 
         def evict(victim: Job, allow_drop: bool) -> bool:
             n = len(victim.pages)
@@ -149,7 +152,7 @@ class Scheduler:
                 dev = self.device.allocate(len(job.host_pages))
                 swap_in.extend(zip(job.host_pages, dev))
                 self.counters["swap_in_pages"] += len(dev)
-                self.host.free(job.host_pages)
+                host_to_free += job.host_pages
                 job.pages, job.host_pages = dev, []
             if new > 0:
                 job.pages += self.device.allocate(new)
@@ -172,8 +175,9 @@ class Scheduler:
             dev = self.device.allocate(len(job.host_pages))
             swap_in.extend(zip(job.host_pages, dev))
             self.counters["swap_in_pages"] += len(dev)
-            self.host.free(job.host_pages)
+            host_to_free += job.host_pages
             job.pages, job.host_pages, job.state = dev, [], State.PREEMPTED
+        self.host.free(host_to_free)
 
         preempted = []
         for job in live:
@@ -218,6 +222,17 @@ class Scheduler:
 
     def num_waiting(self) -> int:
         return sum(1 for j in self.jobs.values() if j.state != State.RUNNING)
+
+    @staticmethod
+    def check_plan(plan: Plan) -> None:
+        """Copies in one plan must not race: swap-outs run first, so none may overwrite a host
+        page a swap-in reads, and no page is copied twice in one direction."""
+        out_host = [h for _, h in plan.swap_out]
+        in_host = [h for h, _ in plan.swap_in]
+        assert not set(out_host) & set(in_host), "a swap-out overwrites a host page a swap-in reads"
+        assert len(set(out_host)) == len(out_host) and len(set(in_host)) == len(in_host)
+        assert len({d for d, _ in plan.swap_out}) == len(plan.swap_out)
+        assert len({d for _, d in plan.swap_in}) == len(plan.swap_in)
 
     def check_invariants(self) -> None:
         """Every page free xor owned by exactly one live job (tests call this)."""

@@ -55,6 +55,8 @@ def simulate(trace: list[dict], cfg: SchedulerConfig, check_every: int = 0) -> t
             now = float(trace[jobs[nxt]]["arrival"])
             continue
         plan = sched.schedule(now)
+        if check_every:
+            sched.check_plan(plan)
         dt = sched.last_iteration_cost
         if not plan.work:
             if dt == 0.0 and nxt < len(jobs):       # nothing runnable: wait for the next arrival
