@@ -64,7 +64,7 @@ def _generate(args) -> int:
 
 def _convert(args) -> int:
     from models.convert import convert
-    convert(args.src, args.dst, dtype=args.dtype)
+    convert(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite)
     print(f"wrote {args.dst}")
     return 0
 
@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("src")
     c.add_argument("dst")
     c.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    c.add_argument("--overwrite", action="store_true", help="replace a non-empty destination")
     c.set_defaults(fn=_convert)
 
     try:

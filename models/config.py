@@ -86,7 +86,7 @@ class ModelConfig:
         num_heads = int(cfg["num_attention_heads"])
         hidden = int(cfg["hidden_size"])
         head_dim = int(cfg.get("head_dim") or hidden // num_heads)
-        rs = cfg.get("rope_scaling") or None
+        rs = cfg.get("rope_scaling") or cfg.get("rope_parameters") or None   # transformers 5 nests it
         scaling = None
         if rs and rs.get("rope_type", rs.get("type")) == "llama3":
             scaling = RopeScaling(
