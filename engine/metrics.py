@@ -116,6 +116,7 @@ _SCALARS = (
     ("promotions", "promotions_total", "counter", "Starvation-guard promotions to the top queue."),
     ("swap_out_pages", "swap_out_pages_total", "counter", "KV pages copied device -> host."),
     ("swap_in_pages", "swap_in_pages_total", "counter", "KV pages copied host -> device."),
+    ("recomputes", "recomputes_total", "counter", "Requests whose KV was dropped, to be recomputed."),
     ("prompt_tokens_total", "prompt_tokens_total", "counter", "Prompt tokens processed."),
     ("generation_tokens_total", "generation_tokens_total", "counter", "Tokens generated."),
     ("rejected_total", "requests_rejected_total", "counter", "Requests refused because the waiting room was full."),
@@ -149,6 +150,9 @@ def render_prometheus(stats: Mapping, histograms: Mapping[str, HistogramSnapshot
             full = family(name, kind, help_)
             lines.append(f"{full}{_labels(base)} {_fmt(stats[key])}")
     waiting = stats.get("waiting_per_queue")
+    if waiting is None:           # scheduler stats: waiting_q0..waiting_qK (MLFQ) or waiting (FCFS)
+        qs = sorted((int(k[9:]), v) for k, v in stats.items() if k.startswith("waiting_q") and k[9:].isdigit())
+        waiting = [v for _, v in qs] or ([stats["waiting"]] if _is_number(stats.get("waiting")) else None)
     if waiting is not None:
         full = family("requests_waiting", "gauge", "Requests waiting, per scheduler queue (0 = highest priority).")
         for q, n in enumerate(waiting):
