@@ -51,13 +51,14 @@ class StepOutputs:
     num_finished: jax.Array   # i32[]
 
 
-def _step(cfg: ModelConfig, model: Llama, params, k, v, x: StepInputs, sb: SamplingBatch):
+def _step(cfg: ModelConfig, model: Llama, params, k, v, x: StepInputs, sb: SamplingBatch,
+          compaction_impl: str = "auto"):
     meta = AttnMeta(x.slots, x.block_tables, x.seq_lens)
     h, k, v = model.apply({"params": params}, x.tokens, x.positions, k, v, meta)
     h = h[x.last]                                                   # [B, D]
     tok, lp, top_ids, top_lp, hit_stop = sample(logits(cfg, params, h), sb)
     done = (x.max_tokens > 0) & (hit_stop | (sb.step + 1 >= x.max_tokens))
-    idx, n = nonzero(done, size=done.shape[0])
+    idx, n = nonzero(done, size=done.shape[0], impl=compaction_impl)
     return StepOutputs(tok, lp, top_ids, top_lp, idx, n), k, v
 
 
@@ -92,7 +93,8 @@ class ModelRunner:
             p_sh = jax.tree.map(lambda a: a.sharding, params)
             jit_kw.update(in_shardings=(p_sh, kv.sharding, kv.sharding, rep, rep),
                           out_shardings=(rep, kv.sharding, kv.sharding))
-        self._decode = jax.jit(functools.partial(_step, model_cfg, mk("decode")), **jit_kw)
+        comp = "pallas" if ecfg.attn_impl == "pallas" else "auto"       # "pallas": every kernel in Pallas
+        self._decode = jax.jit(functools.partial(_step, model_cfg, mk("decode"), compaction_impl=comp), **jit_kw)
         self._prefill = jax.jit(functools.partial(_step, model_cfg, mk("prefill")), **jit_kw)
 
     # ------------------------------------------------------------------ host -> arrays

@@ -35,5 +35,6 @@ def nonzero(x, *, size: int, fill_value: int = -1, impl: str = "auto"):
         return nonzero_reference(x, size=size, fill_value=fill_value)
     if impl == "pallas":
         from kernels import compaction_pallas
-        return compaction_pallas.nonzero(x, size=size, fill_value=fill_value)
+        return compaction_pallas.nonzero(x, size=size, fill_value=fill_value,
+                                         interpret=jax.default_backend() == "cpu")
     raise ValueError(f"unknown compaction impl {impl!r}")

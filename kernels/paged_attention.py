@@ -57,6 +57,7 @@ def paged_attention(q, k_cache, v_cache, layer, block_tables, seq_lens, *, scale
                                          scale=scale, soft_cap=soft_cap)
     if impl == "pallas":
         from kernels import paged_attention_pallas
-        return paged_attention_pallas.paged_attention(
-            q, k_cache, v_cache, layer, block_tables, seq_lens, scale=scale, soft_cap=soft_cap)
+        return paged_attention_pallas.paged_attention(      # CPU: interpret mode (tests)
+            q, k_cache, v_cache, layer, block_tables, seq_lens, scale=scale, soft_cap=soft_cap,
+            interpret=jax.default_backend() == "cpu")
     raise ValueError(f"unknown paged attention impl {impl!r}")
