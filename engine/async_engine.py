@@ -243,12 +243,16 @@ class AsyncEngine:
 
         Blocks until the loop thread exits. Every waiter receives a final output.
         """
+        self.begin_shutdown(timeout)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout + 10.0)
+
+    def begin_shutdown(self, timeout: float = 30.0) -> None:
+        """Non-blocking ``shutdown``: refuse new requests now, abort in-flight ones after ``timeout`` s."""
         with self._lock:
             if not self._closed:
                 self._closed = True
                 self._commands.put(_Shutdown(time.monotonic() + timeout))
-        if threading.current_thread() is not self._thread:
-            self._thread.join(timeout + 10.0)
 
     async def shutdown_async(self, timeout: float = 30.0) -> None:
         """``shutdown`` without blocking the calling event loop."""
@@ -280,8 +284,21 @@ class AsyncEngine:
         finally:
             with self._lock:
                 self._closed = True
+            self._reject_pending_commands()
             self._ready.set()
             self._refresh_stats()
+
+    def _reject_pending_commands(self) -> None:
+        """After the loop ends: answer adds still queued (only possible after a crash)."""
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(cmd, _Add):
+                cmd.stream._deliver(EngineClosed("the engine is shut down"))
+                with self._lock:
+                    self._in_flight -= 1
 
     def _drain(self, block: bool) -> None:
         try:
@@ -337,10 +354,10 @@ class AsyncEngine:
                 continue                 # e.g. the abort output of a request already failed
             self._latency.observe(out, now)
             stream._last = out
+            if out.finished:    # release first: a caller seeing the end may submit again at once
+                self._release(out.request_id, out.finish_reason or "unknown")
             if not stream._deliver(out) and not out.finished:
                 self._abort_in_engine(out.request_id)   # its event loop is gone
-            if out.finished:
-                self._release(out.request_id, out.finish_reason or "unknown")
 
     def _abort_in_engine(self, request_id: str) -> None:
         try:
@@ -359,8 +376,8 @@ class AsyncEngine:
         for rid, stream in list(self._streams.items()):
             if abort_in_engine:
                 self._abort_in_engine(rid)
-            stream._deliver(error)
             self._release(rid, "error")
+            stream._deliver(error)
 
     def _abort_everything(self) -> None:
         """Shutdown: abort what is left, flush the abort outputs, synthesise any missing."""
@@ -375,8 +392,8 @@ class AsyncEngine:
             logger.exception("final step during shutdown failed")
         now = time.time()
         for rid, stream in list(self._streams.items()):
-            stream._deliver(_abort_output(stream, now))
             self._release(rid, "abort")
+            stream._deliver(_abort_output(stream, now))
 
     def _refresh_stats(self) -> None:
         try:

@@ -119,9 +119,25 @@ def _validation_api_error(errors: Sequence[dict]) -> APIError:
     if err.get("type") == "json_invalid":
         return APIError(400, "malformed JSON body", code="invalid_json")
     loc = [str(x) for x in err.get("loc", ()) if x != "body"]
-    param = ".".join(loc) or None
-    message = f"{param}: {err.get('msg', 'invalid value')}" if param else str(err.get("msg", "invalid request"))
-    return APIError(400, message, param=loc[0] if loc else None)
+    if not loc:
+        return APIError(400, f"request body: {err.get('msg', 'invalid request')}")
+    field = loc[0]
+    if field in _UNION_FIELDS and sum(1 for e in errors if _field_of(e) == field) > 1:
+        return APIError(400, f"{field} must be {_UNION_FIELDS[field]}", param=field)
+    return APIError(400, f"{'.'.join(loc)}: {err.get('msg', 'invalid value')}", param=field)
+
+
+# Fields whose type is a union: pydantic reports one error per alternative; say what is accepted.
+_UNION_FIELDS = {
+    "prompt": "a string, a list of strings, a list of token ids or a list of token id lists",
+    "stop": "a string or a list of strings",
+    "messages": "a list of messages with a role and string or text-part content",
+}
+
+
+def _field_of(err: dict) -> str | None:
+    loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+    return loc[0] if loc else None
 
 
 def _value_error(exc: ValueError, default_param: str | None = None) -> APIError:
@@ -412,8 +428,6 @@ def run_server(args: argparse.Namespace) -> None:
     Multi-host: every process runs this; process 0 serves HTTP, the others mirror
     its steps (engine/distributed.py) until it shuts down.
     """
-    import uvicorn
-
     from engine.cli import engine_config_from_args
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -430,12 +444,33 @@ def run_server(args: argparse.Namespace) -> None:
         engine = LLMEngine(cfg)
     async_engine = AsyncEngine(engine, max_waiting=args.max_waiting)
     app = build_app(async_engine, args.served_model_name, shutdown_timeout=args.shutdown_timeout)
+    server = make_uvicorn_server(app, async_engine, args.host, args.port, args.shutdown_timeout, args.log_level)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                    timeout_graceful_shutdown=max(1, int(args.shutdown_timeout)))
+        server.run()
     finally:
         if cfg.num_processes > 1:
             engine.stop()
+
+
+def make_uvicorn_server(app: FastAPI, async_engine: AsyncEngine, host: str = "127.0.0.1", port: int = 8000,
+                        shutdown_timeout: float = 30.0, log_level: str = "info"):
+    """A ``uvicorn.Server`` for ``app`` whose shutdown is graceful for streams too.
+
+    When uvicorn starts shutting down (SIGINT/SIGTERM or ``should_exit``) the engine
+    stops admitting requests and aborts in-flight ones after ``shutdown_timeout``
+    seconds, so every client still gets its final chunk and ``data: [DONE]``
+    before uvicorn's own (longer) graceful-shutdown timeout cancels anything.
+    """
+    import uvicorn
+
+    class _Server(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            async_engine.begin_shutdown(shutdown_timeout)
+            await super().shutdown(sockets=sockets)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=int(math.ceil(shutdown_timeout)) + 5)
+    return _Server(config)
 
 
 serve = run_server
