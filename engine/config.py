@@ -24,14 +24,22 @@ class Buckets:
 
     decode_batch:  rows B of a decode step (one token per row).
     prefill_tokens: tokens T of a prefill chunk (one request per call).
-    context:       tokens of context covered by block tables (P_max * page_size).
+    context:       tokens of context covered by a prefill's block table (P_max * page_size).
     swap_pages:    pages moved per device<->host copy call.
+    decode_context: context buckets of decode steps; finer at the low end than ``context``
+                   because decode attention work scales with the bucket, not the real length
+                   (on CPU: 36 of 88 ms per SmolLM2 batch-16 step at C=256 for 80-token rows).
     """
 
     decode_batch: tuple[int, ...]
     prefill_tokens: tuple[int, ...]
     context: tuple[int, ...]
     swap_pages: tuple[int, ...]
+    decode_context: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.decode_context:
+            object.__setattr__(self, "decode_context", self.context)
 
     @staticmethod
     def pick(table: tuple[int, ...], n: int) -> int:
@@ -41,7 +49,7 @@ class Buckets:
         raise ValueError(f"{n} exceeds the largest compiled bucket {table[-1]}")
 
     def decode_shapes(self) -> list[tuple[int, int]]:
-        return [(b, c) for b in self.decode_batch for c in self.context]
+        return [(b, c) for b in self.decode_batch for c in self.decode_context]
 
     def prefill_shapes(self) -> list[tuple[int, int]]:
         return [(t, c) for t in self.prefill_tokens for c in self.context if t <= c]
@@ -62,6 +70,7 @@ class EngineConfig:
     max_model_len: int = 2048           # prompt + output tokens per request
     page_size: int = 16
     max_prefill_chunk: int = 256        # longer prompts are prefilled in chunks
+    min_decode_context: int = 64        # smallest decode context bucket (more buckets: less attention work)
     num_pages: int | None = None        # device KV pages (None: from kv_memory_fraction)
     kv_memory_fraction: float = 0.5     # of free device memory after weights (GPU/TPU)
     cpu_kv_budget_gb: float = 2.0       # KV budget on CPU when num_pages is None
@@ -110,4 +119,6 @@ class EngineConfig:
             prefill_tokens=_pow2_upto(min(16, chunk), chunk),
             context=ctx,
             swap_pages=_pow2_upto(min(8, self.max_pages_per_seq), self.max_pages_per_seq),
+            decode_context=tuple(-(-c // self.page_size) * self.page_size for c in _pow2_upto(
+                max(self.page_size, min(self.min_decode_context, ctx_lo)), self.max_model_len)),
         )

@@ -135,7 +135,7 @@ class ModelRunner:
     def decode(self, rows: list[Row]) -> StepOutputs:
         """One token for each row (rows: at most max_batch)."""
         B = Buckets.pick(self.buckets.decode_batch, len(rows))
-        C = Buckets.pick(self.buckets.context, max(r.start + 1 for r in rows))
+        C = Buckets.pick(self.buckets.decode_context, max(r.start + 1 for r in rows))
         x, sb = self._inputs(rows, B, B, C, prefill=False)
         return self._run(self._decode, x, sb, f"decode B={B} C={C}")
 

@@ -97,6 +97,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--output", default=None)
+    ap.add_argument("--dtype", default="auto", help="Ferry's dtype (auto: float32 on CPU, bfloat16 on GPU)")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
 
@@ -104,7 +105,7 @@ def main() -> int:
     import jax
     model = f"random:{args.shape}" if args.shape else None
     print(f"[bench] building Ferry engine (model={model or 'default'}, max_batch={max(batches)})", flush=True)
-    llm = LLM(model=model, max_batch=max(batches), max_model_len=512, max_prefill_chunk=128)
+    llm = LLM(model=model, max_batch=max(batches), max_model_len=512, max_prefill_chunk=128, dtype=args.dtype)
     prompt_ids = llm.tokenizer.encode(PROMPT)
     print(f"[bench] warm-up compile: {llm.engine.warmup_seconds:.1f}s; prompt {len(prompt_ids)} tokens", flush=True)
     hf = None if args.no_hf else load_hf(args.shape, "bfloat16" if args.shape else "float32")

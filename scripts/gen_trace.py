@@ -1,0 +1,49 @@
+"""Write a serving trace (JSONL: arrival, prompt_len, output_len) with heavy-tailed lengths.
+
+usage: python scripts/gen_trace.py OUT.jsonl [--jobs 2000] [--load 0.9] [--arrival gamma|poisson] [--cv 2]
+           [--alpha 0.8] [--out-max 2048] [--prompt-median 64] [--max-batch 32] [--cost-model gpu|cpu|FILE]
+           [--rate JOBS_PER_S] [--seed 0]
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from scheduler.cost_model import CostModel  # noqa: E402
+from scheduler.workload import generate, write_jsonl  # noqa: E402
+
+# An H100-like step profile for the simulator (decode nearly flat in batch size).
+GPU = CostModel(base=0.012, per_prefill_token=4e-5, per_decode_row=1e-4, per_context_token=2e-8, per_swap_page=2e-5)
+
+
+def cost_model(spec: str) -> CostModel:
+    return {"gpu": GPU, "cpu": CostModel()}.get(spec) or CostModel.load(spec)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out")
+    ap.add_argument("--jobs", type=int, default=2000)
+    ap.add_argument("--load", type=float, default=0.9)
+    ap.add_argument("--arrival", choices=["gamma", "poisson"], default="gamma")
+    ap.add_argument("--cv", type=float, default=2.0)
+    ap.add_argument("--alpha", type=float, default=0.8, help="Pareto tail index of output lengths")
+    ap.add_argument("--out-min", type=int, default=8)
+    ap.add_argument("--out-max", type=int, default=2048)
+    ap.add_argument("--prompt-median", type=int, default=64)
+    ap.add_argument("--prompt-max", type=int, default=512)
+    ap.add_argument("--max-batch", type=int, default=32)
+    ap.add_argument("--cost-model", default="gpu")
+    ap.add_argument("--rate", type=float, default=None, help="jobs/s (overrides --load)")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    jobs = generate(a.jobs, load=a.load, arrival=a.arrival, cv=a.cv, prompt_median=a.prompt_median,
+                    prompt_max=a.prompt_max, out_min=a.out_min, out_max=a.out_max, alpha=a.alpha,
+                    max_batch=a.max_batch, cost=cost_model(a.cost_model), rate=a.rate, seed=a.seed)
+    write_jsonl(a.out, jobs)
+    print(f"wrote {len(jobs)} jobs to {a.out} (last arrival {jobs[-1]['arrival']:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()
