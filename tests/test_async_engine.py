@@ -111,7 +111,12 @@ def test_full_waiting_room_raises_overloaded():
 
     async def main():
         params = SamplingParams(max_tokens=30, ignore_eos=True)
-        streams = [await aeng.add_request(f"p{i}", params) for i in range(3)]   # 1 running (soon) + 2 waiting
+        streams = [await aeng.add_request("p0", params)]
+        for _ in range(200):                              # wait until the first one is running
+            if aeng.stats().get("running", 0) >= 1:
+                break
+            await asyncio.sleep(0.01)
+        streams += [await aeng.add_request(f"p{i}", params) for i in (1, 2)]   # 1 running + 2 waiting
         await asyncio.sleep(0.1)
         with pytest.raises(EngineOverloaded) as ei:
             await aeng.add_request("one too many", params)
