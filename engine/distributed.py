@@ -29,6 +29,8 @@ import time
 import numpy as np
 
 CHUNK = 1 << 16            # bytes per broadcast program
+HEARTBEAT_S = 5.0          # an idle leader still syncs this often, so followers never sit in a
+                           # collective long enough to hit the collectives' timeouts
 
 
 def initialize(coordinator_address: str, num_processes: int, process_id: int) -> None:
@@ -98,6 +100,7 @@ class MultiHostEngine:
         self._seed_rng = np.random.default_rng(config.seed)
         self.stopped = False
         self.released = False
+        self._last_sync = time.monotonic()
         broadcast_bytes(pickle.dumps(None) if self.is_leader else None)     # compile the broadcast now
 
     def __getattr__(self, name):          # tokenizer, model_config, max_model_len, stats, ...
@@ -139,6 +142,7 @@ class MultiHostEngine:
     # ----------------------------------------------------------------- both sides
     def _sync(self) -> _Sync:
         self.released = False
+        self._last_sync = time.monotonic()
         mine = plan_digest(self.engine.last_plan)
         payload = None
         if self.is_leader:
@@ -169,7 +173,9 @@ class MultiHostEngine:
         return self.engine.step(now=sync.now)
 
     def has_unfinished_requests(self) -> bool:
-        return self.engine.has_unfinished_requests() or bool(self._commands)
+        """True also when an idle leader owes the followers a heartbeat step."""
+        heartbeat = self.is_leader and time.monotonic() - self._last_sync > HEARTBEAT_S
+        return self.engine.has_unfinished_requests() or bool(self._commands) or heartbeat
 
     def follow(self, until_release: bool = False) -> list:
         """Follower loop: mirror the leader's steps until it stops (or releases); returns the
