@@ -23,24 +23,28 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server():
-    eng = LLMEngine(EngineConfig(model="random:tiny", max_batch=8, max_model_len=256, max_prefill_chunk=64,
-                                 num_pages=160, num_host_pages=64, strict_compile_guard=True,
-                                 warmup_progress=False, compile_cache_dir=None))
-    aeng = AsyncEngine(eng, max_waiting=400)
-    app = build_app(aeng, "tiny")
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+def _start(app):
+    """Run ``app`` under uvicorn on a free 127.0.0.1 port in a thread; returns (url, server, thread)."""
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=_free_port(), log_level="warning"))
     th = threading.Thread(target=srv.run, daemon=True)
     th.start()
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://127.0.0.1:{srv.config.port}"
     for _ in range(200):
         try:
             if httpx.get(url + "/health").status_code == 200:
                 break
         except httpx.HTTPError:
             time.sleep(0.05)
+    return url, srv, th
+
+
+@pytest.fixture(scope="module")
+def server():
+    eng = LLMEngine(EngineConfig(model="random:tiny", max_batch=8, max_model_len=256, max_prefill_chunk=64,
+                                 num_pages=160, num_host_pages=64, strict_compile_guard=True,
+                                 warmup_progress=False, compile_cache_dir=None))
+    aeng = AsyncEngine(eng, max_waiting=400)
+    url, srv, th = _start(build_app(aeng, "tiny"))
     yield url, eng, aeng
     srv.should_exit = True
     th.join(30)
@@ -172,18 +176,7 @@ def test_full_waiting_room_answers_503_then_shutdown_is_graceful():
     eng = LLMEngine(EngineConfig(model="random:tiny", max_batch=1, max_model_len=256, max_prefill_chunk=64,
                                  num_pages=40, warmup_progress=False, compile_cache_dir=None))
     aeng = AsyncEngine(eng, max_waiting=1)
-    app = build_app(aeng, "tiny", shutdown_timeout=5.0)
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    th = threading.Thread(target=srv.run, daemon=True)
-    th.start()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            httpx.get(url + "/health")
-            break
-        except httpx.HTTPError:
-            time.sleep(0.05)
+    url, srv, th = _start(build_app(aeng, "tiny", shutdown_timeout=5.0))
 
     async def main():
         async with httpx.AsyncClient(timeout=120) as client:
