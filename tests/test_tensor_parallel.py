@@ -117,3 +117,24 @@ def test_two_processes_give_the_same_tokens_as_one():
         assert r["greedy"] == single["greedy"]
         assert r["seeded"] == single["seeded"]
         assert r["violations"] == 0
+
+
+def test_idle_leader_owes_followers_a_heartbeat(monkeypatch):
+    """An idle multi-host leader reports work once HEARTBEAT_S passed, so the serving loop steps
+    (and syncs) instead of leaving followers blocked inside a collective."""
+    from engine import distributed
+
+    class Idle:
+        def has_unfinished_requests(self):
+            return False
+
+    eng = distributed.MultiHostEngine.__new__(distributed.MultiHostEngine)
+    eng.engine, eng.is_leader, eng._commands = Idle(), True, []
+    now = [100.0]
+    monkeypatch.setattr(distributed.time, "monotonic", lambda: now[0])
+    eng._last_sync = 100.0
+    assert not eng.has_unfinished_requests()
+    now[0] += distributed.HEARTBEAT_S + 0.1
+    assert eng.has_unfinished_requests()
+    eng.is_leader = False                                  # followers never initiate
+    assert not eng.has_unfinished_requests()
