@@ -23,7 +23,7 @@ def nonzero_reference(x, *, size: int, fill_value: int = -1):
     if x.ndim == 1:
         return idx, count
     coords = jnp.stack(jnp.unravel_index(jnp.maximum(idx, 0), x.shape)).astype(jnp.int32)
-    coords = jnp.where(idx[None, :] < 0, fill_value, coords)
+    coords = jnp.where((jnp.arange(size) < count)[None, :], coords, fill_value)   # fill_value may be >= 0
     return coords, count
 
 

@@ -11,7 +11,8 @@ slice is ever copied.
   row, whose output is 0). Returns f[B, Hq, Dh] in q's dtype.
 
 Backends: ``impl="reference"`` (pure JAX gather + dense softmax, used on CPU),
-``impl="pallas"`` (GPU/TPU kernel), ``impl="auto"`` picks by platform.
+``impl="pallas"`` (GPU/TPU kernel: Triton lowering on GPU, the Mosaic TPU variant in
+``kernels/_tpu_paged_attention.py`` on TPU), ``impl="auto"`` picks by platform.
 """
 from __future__ import annotations
 

@@ -1,30 +1,39 @@
-"""Decode paged attention in Pallas (GPU lowering through Triton; CPU tests in interpret mode).
+"""Decode paged attention in Pallas: Triton lowering on GPU, Mosaic TPU variant, interpret mode on CPU.
 
-Grid ``(B, Hkv, num_splits)``: one program per (row, KV head, split of the
-row's pages). A program holds all ``G = Hq / Hkv`` query heads of its KV head
-(``q: [G, Dh]`` in registers, no padding of small groups in memory), walks
-its pages through the block table (a scalar read per page), and keeps an
-online softmax in f32: running max ``m[G]``, sum ``l[G]``, accumulator
-``acc[G, Dh]``. Scores are formed by broadcast-multiply-reduce rather than
-``dot``: decode attention reads each K/V byte once (memory bound), and this
-avoids Triton's 16-row minimum for ``dot`` when G is 1..8.
+Contract: ``kernels.paged_attention.paged_attention_reference`` (cache
+``f[L, Hkv, P, S, Dh]`` + layer index, page 0 the null page, ``seq_lens == 0``
+rows output 0, masked slots removed with ``where`` so stale NaNs never leak).
 
-Split-K (flash-decoding): with few rows (``B * Hkv`` small) and long contexts
-one program per row leaves most SMs idle, so each row's pages are cut into
-``num_splits`` contiguous ranges whose partial ``(m, l, acc)`` are merged by a
-log-sum-exp combine in XLA. ``num_splits`` defaults from the grid size.
+GPU design (Triton). Grid ``(B, Hkv, num_splits)``: one program per (row, KV
+head, contiguous range of the row's pages). A program
+  * gathers the ``G = Hq / Hkv`` query heads of its KV head straight from
+    ``q: [B, Hq, Dh]`` into a register tile of ``Gp = max(16, pow2(G))`` rows;
+    the row index is clamped to ``G - 1`` so padded rows duplicate a real row
+    (no padding of q, K or V in memory; the MMA's 16-row minimum is met in
+    registers only, and the duplicates are stored to the same address with the
+    same value, so no masked store is needed);
+  * walks its pages ``pages_per_block`` at a time (``T = pages_per_block * S``
+    tokens per iteration, default ~64): the block-table entries of the T
+    tokens are read as a small vector, and K/V are loaded as one ``[T, Dh]``
+    gather whose rows are contiguous ``Dh`` vectors (16-byte loads);
+  * scores ``[Gp, T] = q @ K^T`` and ``acc += p @ V`` on the tensor cores with
+    an online softmax in f32 (running max ``m``, sum ``l``);
+  * writes its partial ``(m, l, acc)``; an XLA log-sum-exp combine merges the
+    splits (flash-decoding) and normalises.
+``num_splits`` defaults from ``(B, Hkv, pages)`` so that small batches with
+long contexts still put ~2 programs on each of the H100's 132 SMs.
 
-Masking: positions ``>= seq_len`` get score ``-inf`` and their V is replaced by
-zeros with ``where`` (stale data in recycled pages may be NaN). A row with
-``seq_len == 0`` (padding) outputs zeros.
+Triton vs Mosaic GPU: this kernel is a data-dependent gather of small pages
+(16 tokens x 256 bytes per head), which Triton expresses as pointer arithmetic
+with many loads in flight (``num_stages``). Mosaic GPU's strength is
+TMA + WGMMA on large dense tiles; TMA copies of 4 KiB pages through a
+per-page descriptor gain little here, and WGMMA needs 64-row tiles (4x more
+padding of G). Neither lowering could be compiled or timed in the session that
+wrote this (no GPU): ``scripts/bench_kernels.py`` measures the Triton kernel
+against JAX's deprecated kernel and XLA; a Mosaic GPU variant was not written.
 
-Backend notes: Triton was chosen over Mosaic GPU for this kernel because the
-access pattern is a data-dependent gather of small pages (one block-table
-lookup per page) that Triton expresses as pointer arithmetic; Mosaic GPU's
-TMA/WGMMA pipeline pays off for large dense tiles. This session had no GPU,
-so neither lowering was measured here (see docs/KERNELS.md and
-scripts/bench_kernels.py for the measurement plan). TPU would use the Mosaic
-TPU lowering with block tables in scalar prefetch; it is not implemented.
+TPU: ``kernels/_tpu_paged_attention.py`` (block tables via scalar prefetch);
+``backend="tpu"`` selects it (the default on a TPU backend).
 """
 from __future__ import annotations
 
@@ -33,86 +42,139 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
 
 
 def _kernel(lens_ref, bt_ref, layer_ref, q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, *,
-            scale: float, soft_cap: float | None, page_size: int, pages_per_split: int):
+            scale: float, soft_cap: float | None, G: int, Gp: int, page_size: int,
+            pages_per_block: int, blocks_per_split: int):
     b, h, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     seq_len = lens_ref[b]
     layer = layer_ref[0]
-    q = q_ref[0, 0].astype(jnp.float32) * scale                 # [G, Dh]
-    G, Dh = q.shape
-    first = sp * pages_per_split
-    n_pages = jnp.clip(pl.cdiv(seq_len, page_size) - first, 0, pages_per_split)
+    T = pages_per_block * page_size
+    rows = jnp.minimum(jnp.arange(Gp), G - 1)                       # [Gp] padded rows repeat row G-1
+    q = q_ref[b, h * G + rows, :]                                    # [Gp, Dh] gather, registers only
+    Dh = q.shape[-1]
+    tf32 = q.dtype != jnp.float32                                    # f32 caches: exact f32 dots on GPU
+    tok0 = sp * blocks_per_split * T                                 # first token of this split
+    span = jnp.clip(seq_len - tok0, 0, blocks_per_split * T)
+    n_iter = (span + T - 1) // T
+    tok = jnp.arange(T, dtype=jnp.int32)
 
     def body(i, carry):
         m, l, acc = carry
-        page = bt_ref[b, first + i]
-        k = k_ref[layer, h, page].astype(jnp.float32)            # [S, Dh]
-        v = v_ref[layer, h, page].astype(jnp.float32)
-        pos = (first + i) * page_size + jnp.arange(page_size)
-        valid = pos < seq_len                                    # [S]
-        s = jnp.sum(q[:, None, :] * k[None, :, :], axis=-1)      # [G, S]
+        t = tok0 + i * T + tok                                       # [T] token positions
+        page = bt_ref[b, t // page_size]                             # [T] block-table gather
+        off = t % page_size
+        k = k_ref[layer, h, page, off, :]                            # [T, Dh] rows of Dh contiguous
+        v = v_ref[layer, h, page, off, :]
+        valid = t < seq_len                                          # [T]
+        s = plgpu.dot(q, k.astype(q.dtype), trans_b=True, allow_tf32=tf32).astype(jnp.float32) * scale   # [Gp, T]
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)
         s = jnp.where(valid[None, :], s, -jnp.inf)
-        m_new = jnp.maximum(m, jnp.max(s, axis=-1))              # [G]
-        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        p = jnp.exp(s - m_safe[:, None])                         # [G, S]
-        alpha = jnp.exp(jnp.where(m == -jnp.inf, -jnp.inf, m - m_safe))
-        v = jnp.where(valid[:, None], v, 0.0)
-        acc = acc * alpha[:, None] + jnp.sum(p[:, :, None] * v[None, :, :], axis=1)
-        return m_new, l * alpha + jnp.sum(p, axis=-1), acc
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))                   # [Gp]; finite: >= 1 valid token
+        alpha = jnp.exp(m - m_new)                                   # exp(-inf) = 0 on the first block
+        p = jnp.exp(s - m_new[:, None])
+        v = jnp.where(valid[:, None], v, jnp.zeros_like(v))          # stale NaN must not reach 0 * NaN
+        pv = plgpu.dot(p.astype(v.dtype), v, allow_tf32=tf32).astype(jnp.float32)        # [Gp, Dh]
+        return m_new, l * alpha + jnp.sum(p, axis=1), acc * alpha[:, None] + pv
 
-    init = (jnp.full((G,), -jnp.inf, jnp.float32), jnp.zeros((G,), jnp.float32), jnp.zeros((G, Dh), jnp.float32))
-    m, l, acc = jax.lax.fori_loop(0, n_pages, body, init)
-    m_ref[0, 0, 0] = m
-    l_ref[0, 0, 0] = l
-    acc_ref[0, 0, 0] = acc
+    init = (jnp.full((Gp,), -jnp.inf, jnp.float32), jnp.zeros((Gp,), jnp.float32),
+            jnp.zeros((Gp, Dh), jnp.float32))
+    m, l, acc = jax.lax.fori_loop(0, n_iter, body, init)
+    # Duplicated rows store the same values at row G-1: no mask needed.
+    m_ref[b, h, sp, rows] = m
+    l_ref[b, h, sp, rows] = l
+    acc_ref[b, h, sp, rows, :] = acc
 
 
-def default_splits(batch: int, kv_heads: int, max_pages: int, target_programs: int = 264) -> int:
-    """Enough splits that B * Hkv * splits covers ~2 waves of an H100 (132 SMs), >= 8 pages each."""
+def default_splits(batch: int, kv_heads: int, num_blocks: int, target_programs: int = 264) -> int:
+    """Splits so that ``B * Hkv * splits`` reaches ~2 programs per H100 SM, each >= 2 token blocks."""
     want = max(1, target_programs // max(1, batch * kv_heads))
-    return int(max(1, min(want, max_pages // 8)))
+    return int(max(1, min(want, num_blocks // 2)))
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "soft_cap", "num_splits", "interpret"))
+def default_pages_per_block(page_size: int, max_pages: int) -> int:
+    """~64 tokens per loop iteration (a power of two), never more pages than the table has."""
+    return int(min(max(1, 64 // page_size), _pow2(max_pages)))
+
+
+def combine_splits(m, l, acc):
+    """Log-sum-exp merge of split partials. m, l: f32[B, Hkv, n, G]; acc: f32[B, Hkv, n, G, Dh].
+
+    Splits that saw no token have ``m = -inf`` and weight 0; rows with no token output 0."""
+    m_all = jnp.max(m, axis=2, keepdims=True)
+    m_all = jnp.where(jnp.isfinite(m_all), m_all, 0.0)
+    w = jnp.where(jnp.isfinite(m), jnp.exp(m - m_all), 0.0)          # [B, Hkv, n, G]
+    l_tot = jnp.sum(w * l, axis=2)                                    # [B, Hkv, G]
+    acc = jnp.where(w[..., None] > 0, acc, 0.0)
+    return jnp.sum(w[..., None] * acc, axis=2) / jnp.maximum(l_tot, 1e-30)[..., None]
+
+
+def _check(q, k_cache, v_cache, block_tables, seq_lens, pages_per_block, num_splits):
+    if q.ndim != 3 or k_cache.ndim != 5 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"expected q[B, Hq, Dh] and k/v caches [L, Hkv, P, S, Dh]; got {q.shape}, "
+                         f"{k_cache.shape}, {v_cache.shape}")
+    B, Hq, Dh = q.shape
+    Hkv, S = k_cache.shape[1], k_cache.shape[3]
+    if Hq % Hkv or k_cache.shape[4] != Dh:
+        raise ValueError(f"Hq={Hq} must be a multiple of Hkv={Hkv} and head dims must match")
+    if block_tables.shape[0] != B or seq_lens.shape != (B,):
+        raise ValueError(f"block_tables {block_tables.shape} / seq_lens {seq_lens.shape} do not match B={B}")
+    if pages_per_block is not None and pages_per_block < 1 or num_splits is not None and num_splits < 1:
+        raise ValueError("pages_per_block and num_splits must be >= 1")
+    if S & (S - 1):
+        raise ValueError(f"page size {S} must be a power of two")
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "soft_cap", "num_splits", "pages_per_block",
+                                             "num_warps", "num_stages", "backend", "interpret"))
 def paged_attention(q, k_cache, v_cache, layer, block_tables, seq_lens, *, scale: float,
-                    soft_cap: float | None = None, num_splits: int | None = None, interpret: bool = False):
+                    soft_cap: float | None = None, num_splits: int | None = None,
+                    pages_per_block: int | None = None, num_warps: int = 4, num_stages: int = 2,
+                    backend: str | None = None, interpret: bool = False):
     """Same contract as ``kernels.paged_attention.paged_attention_reference``.
 
     q: f[B, Hq, Dh]; k_cache, v_cache: f[L, Hkv, P, S, Dh]; layer: int or i32[];
-    block_tables: i32[B, P_max]; seq_lens: i32[B]. Returns f[B, Hq, Dh].
+    block_tables: i32[B, P_max]; seq_lens: i32[B]. Returns f[B, Hq, Dh] in q's dtype.
+    Knobs: ``num_splits`` (split-K partitions, default from the grid), ``pages_per_block``
+    (pages per loop iteration), ``num_warps``/``num_stages`` (Triton). ``backend``: "gpu"
+    (Triton kernel, also used in interpret mode) or "tpu" (Mosaic TPU variant); default
+    from ``jax.default_backend()``.
     """
+    _check(q, k_cache, v_cache, block_tables, seq_lens, pages_per_block, num_splits)
+    backend = backend or ("tpu" if jax.default_backend() == "tpu" else "gpu")
+    if backend == "tpu":
+        from kernels import _tpu_paged_attention
+        return _tpu_paged_attention.paged_attention(q, k_cache, v_cache, layer, block_tables, seq_lens,
+                                                    scale=scale, soft_cap=soft_cap, interpret=interpret)
     B, Hq, Dh = q.shape
     _, Hkv, _, S, _ = k_cache.shape
     G = Hq // Hkv
+    Gp = max(16, _pow2(G))
     P_max = block_tables.shape[1]
-    n = num_splits or default_splits(B, Hkv, P_max)
-    per = -(-P_max // n)
-    tables = jnp.pad(block_tables, ((0, 0), (0, per * n - P_max)))       # null page pads the last split
-    qg = q.reshape(B, Hkv, G, Dh)
+    ppb = pages_per_block or default_pages_per_block(S, P_max)
+    n_blocks = -(-P_max // ppb)
+    n = min(num_splits or default_splits(B, Hkv, n_blocks), n_blocks)
+    per = -(-n_blocks // n)                                           # token blocks per split
+    tables = jnp.pad(block_tables.astype(jnp.int32), ((0, 0), (0, per * n * ppb - P_max)))  # null page
     layer_arr = jnp.asarray(layer, jnp.int32).reshape(1)
-    kernel = functools.partial(_kernel, scale=scale, soft_cap=soft_cap, page_size=S, pages_per_split=per)
-    # Caches stay in HBM (pages are gathered by pointer arithmetic); small tables are whole blocks.
-    whole = pl.BlockSpec(memory_space=pl.ANY) if not interpret else pl.no_block_spec
-    small = pl.no_block_spec
-    in_specs = [small, small, small, pl.BlockSpec((1, 1, G, Dh), lambda b, h, s: (b, h, 0, 0)), whole, whole]
-    out_specs = [pl.BlockSpec((1, 1, 1, G), lambda b, h, s: (b, h, s, 0)),
-                 pl.BlockSpec((1, 1, 1, G), lambda b, h, s: (b, h, s, 0)),
-                 pl.BlockSpec((1, 1, 1, G, Dh), lambda b, h, s: (b, h, s, 0, 0))]
+    kernel = functools.partial(_kernel, scale=scale, soft_cap=soft_cap, G=G, Gp=Gp, page_size=S,
+                               pages_per_block=ppb, blocks_per_split=per)
+    whole = pl.no_block_spec                                          # every ref: raw pointer, indexed in-kernel
+    extra = {}
+    if not interpret:
+        extra["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     m, l, acc = pl.pallas_call(
-        kernel, grid=(B, Hkv, n), in_specs=in_specs, out_specs=out_specs,
+        kernel, grid=(B, Hkv, n), in_specs=[whole] * 6, out_specs=[whole] * 3,
         out_shape=[jax.ShapeDtypeStruct((B, Hkv, n, G), jnp.float32),
                    jax.ShapeDtypeStruct((B, Hkv, n, G), jnp.float32),
                    jax.ShapeDtypeStruct((B, Hkv, n, G, Dh), jnp.float32)],
-        interpret=interpret, name="ferry_paged_attention",
-    )(seq_lens.astype(jnp.int32), tables.astype(jnp.int32), layer_arr, qg, k_cache, v_cache)
-    # Combine the splits (log-sum-exp); splits that saw no token have m = -inf and weight 0.
-    m_all = jnp.max(m, axis=2, keepdims=True)
-    m_all = jnp.where(jnp.isfinite(m_all), m_all, 0.0)
-    w = jnp.where(jnp.isfinite(m), jnp.exp(m - m_all), 0.0)             # [B, Hkv, n, G]
-    l_tot = jnp.sum(w * l, axis=2)                                       # [B, Hkv, G]
-    o = jnp.sum(w[..., None] * acc, axis=2) / jnp.maximum(l_tot, 1e-30)[..., None]
-    return o.reshape(B, Hq, Dh).astype(q.dtype)
+        interpret=interpret, name="ferry_paged_attention", **extra,
+    )(seq_lens.astype(jnp.int32), tables, layer_arr, q, k_cache, v_cache)
+    return combine_splits(m, l, acc).reshape(B, Hq, Dh).astype(q.dtype)

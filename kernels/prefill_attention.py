@@ -10,6 +10,10 @@ request's chunk. q: f[T, Hq, Dh]; block_table: i32[P_max]; positions: i32[T]
 (absolute position of each query token; -1 = padding, output 0). Token t
 attends causally to the request's cached tokens 0..positions[t], which include
 the chunk itself (written by ``write_kv`` first) and all earlier chunks.
+
+Pallas kernel (GPU Triton lowering; interpret mode in tests):
+``kernels.prefill_attention_pallas.prefill_attention`` (same contract, tested
+against the reference and through the engine's prefill step; see docs/KERNELS.md).
 """
 from __future__ import annotations
 
@@ -55,12 +59,13 @@ def prefill_attention(q, k_cache, v_cache, layer, block_table, positions, *, sca
                       soft_cap: float | None = None, impl: str = "auto"):
     """Dispatch to the reference or the Pallas kernel (see module docstring)."""
     if impl == "auto":
-        # No Pallas prefill kernel yet: the XLA reference runs on every backend (chunked prefill is
-        # compute-bound and XLA's fused einsums are reasonable there). See docs/KERNELS.md.
-        impl = "reference"
+        impl = "reference" if jax.default_backend() == "cpu" else "pallas"
     if impl == "reference":
         return prefill_attention_reference(q, k_cache, v_cache, layer, block_table, positions,
                                            scale=scale, soft_cap=soft_cap)
     if impl == "pallas":
-        raise ValueError("no Pallas prefill attention kernel yet; use impl='reference' or 'auto'")
+        from kernels import prefill_attention_pallas
+        return prefill_attention_pallas.prefill_attention(      # CPU: interpret mode (tests)
+            q, k_cache, v_cache, layer, block_table, positions, scale=scale, soft_cap=soft_cap,
+            interpret=jax.default_backend() == "cpu")
     raise ValueError(f"unknown prefill attention impl {impl!r}")

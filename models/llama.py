@@ -95,8 +95,7 @@ def _attend_local(q, k, v, k_cache, v_cache, meta: AttnMeta, positions, *, layer
     if mode == "decode":
         o = paged_attention(q, k_cache, v_cache, layer, meta.block_tables, meta.seq_lens, scale=scale, impl=impl)
     else:
-        o = prefill_attention(q, k_cache, v_cache, layer, meta.block_tables[0], positions, scale=scale,
-                              impl="auto" if impl == "pallas" else impl)   # no Pallas prefill kernel yet
+        o = prefill_attention(q, k_cache, v_cache, layer, meta.block_tables[0], positions, scale=scale, impl=impl)
     return o, k_cache, v_cache
 
 

@@ -1,10 +1,22 @@
-"""Pallas decode paged attention (interpret mode) against the pure-JAX reference, fresh random inputs."""
+"""Pallas decode paged attention (interpret mode) against the pure-JAX reference, fresh random inputs.
+
+Outputs are poisoned: Pallas interpret mode fills every output buffer with NaN before the kernel
+runs (checked by test_interpret_mode_poisons_outputs), so an element the kernel forgot to write
+fails the comparison.
+"""
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from kernels.paged_attention import paged_attention_reference
+from jax.experimental import pallas as pl
+
 from kernels.paged_attention_pallas import default_splits, paged_attention
+
+
+def _seed():
+    return int(np.random.SeedSequence().entropy % 2**31)
 
 
 def _case(rng, B, Hq, Hkv, Dh, S, P_max, L=2, dtype=jnp.float32):
@@ -39,10 +51,11 @@ def test_matches_reference_f32(Hq, Hkv, S):
     q, k, v, bt, lens = _case(rng, B=5, Hq=Hq, Hkv=Hkv, Dh=32, S=S, P_max=4)
     for layer in (0, 1):
         ref = paged_attention_reference(q, k, v, layer, bt, lens, scale=0.17)
-        for splits in (1, 3):
-            got = paged_attention(q, k, v, layer, bt, lens, scale=0.17, num_splits=splits, interpret=True)
+        for splits, ppb in ((1, 1), (3, 1), (2, 2), (1, 4)):              # split-K off/on, pages per block
+            got = paged_attention(q, k, v, layer, bt, lens, scale=0.17, num_splits=splits, pages_per_block=ppb,
+                                  interpret=True)
             np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=2e-5, atol=2e-5,
-                                       err_msg=f"seed={seed} layer={layer} splits={splits}")
+                                       err_msg=f"seed={seed} layer={layer} splits={splits} ppb={ppb}")
     assert np.all(np.asarray(got)[np.asarray(lens) == 0] == 0)           # padding rows output zeros
 
 
@@ -57,9 +70,47 @@ def test_bf16_soft_cap_and_large_page():
                                err_msg=f"seed={seed}")
 
 
-def test_default_splits():
-    assert default_splits(1, 8, 256) > 1                                 # small batch, long context: split
-    assert default_splits(128, 8, 64) == 1                                # big batch: one program per row
+def test_every_length_from_1_to_max():
+    """One row per length 1..P_max*S (exact page multiples included), shuffled tables, both variants."""
+    seed = _seed()
+    rng = np.random.default_rng(seed)
+    S, P_max = 16, 3
+    q, k, v, bt, _ = _case(rng, B=P_max * S, Hq=8, Hkv=2, Dh=16, S=S, P_max=P_max)
+    lens = jnp.arange(1, P_max * S + 1, dtype=jnp.int32)
+    ref = paged_attention_reference(q, k, v, 0, bt, lens, scale=0.3)
+    for kw in ({"num_splits": 2, "pages_per_block": 1}, {"backend": "tpu"}):
+        got = paged_attention(q, k, v, 0, bt, lens, scale=0.3, interpret=True, **kw)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=2e-5, atol=2e-5, err_msg=f"seed={seed} {kw}")
+
+
+@pytest.mark.parametrize("Hq,Hkv", [(4, 4), (9, 3), (16, 2)])
+def test_tpu_variant_matches_reference(Hq, Hkv):
+    """Mosaic TPU variant (scalar-prefetched block tables), run in interpret mode on CPU."""
+    seed = _seed()
+    rng = np.random.default_rng(seed)
+    q, k, v, bt, lens = _case(rng, B=4, Hq=Hq, Hkv=Hkv, Dh=32, S=16, P_max=3)
+    ref = paged_attention_reference(q, k, v, 1, bt, lens, scale=0.2, soft_cap=4.0)
+    got = paged_attention(q, k, v, 1, bt, lens, scale=0.2, soft_cap=4.0, backend="tpu", interpret=True)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=2e-5, atol=2e-5, err_msg=f"seed={seed}")
+    assert np.all(np.asarray(got)[np.asarray(lens) == 0] == 0)
+
+
+def test_interpret_mode_poisons_outputs():
+    """The poisoning the other tests rely on: an unwritten Pallas output reads back as NaN."""
+    def kernel(x_ref, o_ref):
+        o_ref[0] = x_ref[0]
+    out = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((4,), jnp.float32), interpret=True)(jnp.ones(4))
+    assert float(out[0]) == 1.0 and np.isnan(np.asarray(out[1:])).all()
+
+
+def test_default_splits_and_bad_input():
+    assert default_splits(1, 8, 64) > 1                                  # small batch, long context: split
+    assert default_splits(128, 8, 16) == 1                               # big batch: one program per row
+    q, k, v, bt, lens = _case(np.random.default_rng(0), B=2, Hq=6, Hkv=2, Dh=16, S=16, P_max=2)
+    with pytest.raises(ValueError):
+        paged_attention(q[:, :5], k, v, 0, bt, lens, scale=1.0, interpret=True)   # Hq not a multiple of Hkv
+    with pytest.raises(ValueError):
+        paged_attention(q, k, v, 0, bt[:1], lens, scale=1.0, interpret=True)
 
 
 def test_engine_decode_step_with_pallas_kernels_matches_reference():

@@ -1,0 +1,119 @@
+"""Prefill (chunked) attention over pages in Pallas: Triton lowering on GPU, interpret mode on CPU.
+
+Contract: ``kernels.prefill_attention.prefill_attention_reference``: one
+request's chunk ``q: f[T, Hq, Dh]`` attends causally to the request's cached
+tokens ``0..positions[t]`` (the chunk itself, written into the pages by
+``write_kv`` first, plus every earlier chunk), reached through
+``block_table: i32[P_max]``; ``positions[t] == -1`` marks a padding token
+(output 0).
+
+Layout: the G query heads of a KV head and the T tokens are flattened into
+``R = T * G`` query rows per KV head (``q_rows: [Hkv, R, Dh]``, row
+``t * G + g``), so one program's ``block_rows`` rows share every K/V tile it
+loads (GQA without re-reading K/V per query head) and the score tile is a
+plain 2-D MMA ``[block_rows, T_kv]``. Grid ``(Hkv, R / block_rows)``. Each
+program walks the table ``pages_per_block`` pages at a time, only up to the
+largest position among its rows (the causal bound: later pages are never
+read), with an online softmax in f32. K/V rows are gathered through the
+block table (``[T_kv, Dh]``, contiguous ``Dh`` vectors). Masking uses
+``where`` on scores and on V, so stale data (NaN) in unwritten slots never
+leaks. Not compiled or timed on a GPU in the session that wrote it.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _kernel(bt_ref, layer_ref, pos_ref, q_ref, k_ref, v_ref, o_ref, *, scale: float,
+            soft_cap: float | None, page_size: int, pages_per_block: int):
+    h = pl.program_id(0)
+    layer = layer_ref[0]
+    q = q_ref[...]                                                    # [BR, Dh]
+    pos = pos_ref[...]                                                # [BR] (-1 = padding)
+    BR, Dh = q.shape
+    tf32 = q.dtype != jnp.float32
+    TK = pages_per_block * page_size
+    max_pos = jnp.max(pos)
+    n_iter = (max_pos + TK) // TK                                     # ceil((max_pos + 1) / TK); 0 if all pad
+    tok = jnp.arange(TK, dtype=jnp.int32)
+
+    def body(j, carry):
+        m, l, acc = carry
+        t = j * TK + tok                                              # [TK]
+        page = bt_ref[t // page_size]
+        off = t % page_size
+        k = k_ref[layer, h, page, off, :]                             # [TK, Dh]
+        v = v_ref[layer, h, page, off, :]
+        s = plgpu.dot(q, k.astype(q.dtype), trans_b=True, allow_tf32=tf32).astype(jnp.float32) * scale
+        if soft_cap is not None:
+            s = soft_cap * jnp.tanh(s / soft_cap)
+        s = jnp.where(t[None, :] <= pos[:, None], s, -jnp.inf)        # [BR, TK] causal + padding
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)             # padding rows: all -inf
+        alpha = jnp.exp(m - m_safe)
+        p = jnp.exp(s - m_safe[:, None])
+        v = jnp.where((t <= max_pos)[:, None], v, jnp.zeros_like(v))  # never read past the chunk
+        pv = plgpu.dot(p.astype(v.dtype), v, allow_tf32=tf32).astype(jnp.float32)
+        return m_new, l * alpha + jnp.sum(p, axis=1), acc * alpha[:, None] + pv
+
+    init = (jnp.full((BR,), -jnp.inf, jnp.float32), jnp.zeros((BR,), jnp.float32),
+            jnp.zeros((BR, Dh), jnp.float32))
+    _, l, acc = jax.lax.fori_loop(0, n_iter, body, init)
+    o_ref[...] = (acc / jnp.maximum(l, 1e-30)[:, None]).astype(o_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "soft_cap", "block_rows", "pages_per_block",
+                                             "num_warps", "num_stages", "interpret"))
+def prefill_attention(q, k_cache, v_cache, layer, block_table, positions, *, scale: float,
+                      soft_cap: float | None = None, block_rows: int | None = None,
+                      pages_per_block: int | None = None, num_warps: int = 4, num_stages: int = 2,
+                      interpret: bool = False):
+    """Same contract as ``kernels.prefill_attention.prefill_attention_reference``.
+
+    q: f[T, Hq, Dh]; k_cache, v_cache: f[L, Hkv, P, S, Dh]; layer: int or i32[];
+    block_table: i32[P_max]; positions: i32[T]. Returns f[T, Hq, Dh] in q's dtype.
+    Knobs: ``block_rows`` (query rows per program, power of two >= 16, default 64),
+    ``pages_per_block`` (pages per loop iteration, default ~64 tokens), Triton
+    ``num_warps``/``num_stages``.
+    """
+    if q.ndim != 3 or k_cache.ndim != 5 or k_cache.shape != v_cache.shape or block_table.ndim != 1:
+        raise ValueError(f"expected q[T, Hq, Dh], caches [L, Hkv, P, S, Dh], block_table[P_max]; got "
+                         f"{q.shape}, {k_cache.shape}, {v_cache.shape}, {block_table.shape}")
+    T, Hq, Dh = q.shape
+    _, Hkv, _, S, _ = k_cache.shape
+    if Hq % Hkv or positions.shape != (T,) or S & (S - 1):
+        raise ValueError(f"bad shapes: Hq={Hq}, Hkv={Hkv}, positions {positions.shape}, page size {S}")
+    G = Hq // Hkv
+    R = T * G
+    BR = block_rows or min(64, max(16, _pow2(R)))
+    if BR < 1 or BR & (BR - 1):
+        raise ValueError(f"block_rows={BR} must be a power of two")
+    P_max = block_table.shape[0]
+    ppb = pages_per_block or int(min(max(1, 64 // S), _pow2(P_max)))
+    n_rb = -(-R // BR)
+    rows = q.reshape(T, Hkv, G, Dh).transpose(1, 0, 2, 3).reshape(Hkv, R, Dh)
+    rows = jnp.pad(rows, ((0, 0), (0, n_rb * BR - R), (0, 0)))
+    pos = jnp.pad(jnp.repeat(positions.astype(jnp.int32), G), (0, n_rb * BR - R), constant_values=-1)
+    table = jnp.pad(block_table.astype(jnp.int32), (0, (-(-P_max // ppb)) * ppb - P_max))   # null page
+    extra = {}
+    if not interpret:
+        extra["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    out = pl.pallas_call(
+        functools.partial(_kernel, scale=scale, soft_cap=soft_cap, page_size=S, pages_per_block=ppb),
+        grid=(Hkv, n_rb),
+        in_specs=[pl.no_block_spec, pl.no_block_spec, pl.BlockSpec((BR,), lambda h, r: (r,)),
+                  pl.BlockSpec((None, BR, Dh), lambda h, r: (h, r, 0)), pl.no_block_spec, pl.no_block_spec],
+        out_specs=pl.BlockSpec((None, BR, Dh), lambda h, r: (h, r, 0)),
+        out_shape=jax.ShapeDtypeStruct((Hkv, n_rb * BR, Dh), q.dtype),
+        interpret=interpret, name="ferry_prefill_attention", **extra,
+    )(table, jnp.asarray(layer, jnp.int32).reshape(1), pos, rows, k_cache, v_cache)
+    return out[:, :R].reshape(Hkv, T, G, Dh).transpose(1, 0, 2, 3).reshape(T, Hq, Dh)
