@@ -12,11 +12,12 @@ models (its RoPE pairs adjacent dims); they are un-permuted back to the HF
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
 
-from models.config import ModelConfig
+from models.config import ModelConfig, RopeScaling
 from models.gguf_quants import dequantize
 from models.tokenizer import Tokenizer
 
@@ -72,10 +73,45 @@ def config_from_metadata(meta: dict, tensor_names: set[str], path: str) -> Model
             tie_word_embeddings="output.weight" not in tensor_names,
             attention_bias="blk.0.attn_q.bias" in tensor_names,
             max_position_embeddings=int(a("context_length", 2048)),
+            rope_scaling=_rope_scaling(meta, arch, path),
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id"), eos_token_ids=eos_ids,
             architecture=arch, name=model_name(path))
     except KeyError as e:
         raise ValueError(f"{path}: GGUF metadata lacks {e.args[0]!r}") from e
+
+
+def _rope_scaling(meta: dict, arch: str, path: str) -> RopeScaling | None:
+    kind = meta.get(f"{arch}.rope.scaling.type")
+    if kind not in (None, "none"):
+        raise ValueError(f"{path}: rope scaling type {kind!r} is not supported (only Llama-3 rope_freqs)")
+    return None
+
+
+def llama3_scaling_from_freqs(factors: np.ndarray, head_dim: int, theta: float, orig_ctx: int | None,
+                              path: str) -> RopeScaling:
+    """Recover Llama-3 rope scaling from llama.cpp's ``rope_freqs`` tensor (per-frequency divisors f[Dh/2]).
+
+    GGUF stores only the resulting factors; the Llama-3.x parameters (low 1, high 4,
+    factor = max factor, original context 8192) are checked by recomputing them.
+    """
+    factor = float(np.max(factors))
+    cand = RopeScaling(factor=factor, low_freq_factor=1.0, high_freq_factor=4.0,
+                       original_max_position_embeddings=int(orig_ctx or 8192))
+    if not np.allclose(llama3_factors(cand, head_dim, theta), factors, rtol=1e-4, atol=1e-6):
+        raise ValueError(f"{path}: rope_freqs do not match Llama-3 rope scaling; not supported")
+    return cand
+
+
+def llama3_factors(rs: RopeScaling, head_dim: int, theta: float) -> np.ndarray:
+    """Per-frequency divisors f[Dh/2] of Llama-3 rope scaling (1 = unscaled, ``factor`` = low frequencies)."""
+    inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen = 2 * np.pi / inv
+    lo_wl = rs.original_max_position_embeddings / rs.low_freq_factor
+    hi_wl = rs.original_max_position_embeddings / rs.high_freq_factor
+    smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+        rs.high_freq_factor - rs.low_freq_factor)
+    mid = 1.0 / ((1 - smooth) / rs.factor + smooth)
+    return np.where(wavelen < hi_wl, 1.0, np.where(wavelen > lo_wl, rs.factor, mid)).astype(np.float32)
 
 
 def model_name(path: str) -> str:
@@ -98,6 +134,12 @@ def load_gguf(path: str, progress: bool = False) -> tuple[ModelConfig, dict, Tok
     meta = read_metadata(reader)
     tensors = {t.name: t for t in reader.tensors}
     cfg = config_from_metadata(meta, set(tensors), path)
+    if "rope_freqs.weight" in tensors:
+        t = tensors["rope_freqs.weight"]
+        f = dequantize(np.asarray(t.data), int(t.tensor_type), (int(t.n_elements),), what=f"{path}: rope_freqs")
+        orig = meta.get(f"{cfg.architecture}.rope.scaling.original_context_length")
+        cfg = dataclasses.replace(cfg, rope_scaling=llama3_scaling_from_freqs(
+            f, cfg.head_dim, cfg.rope_theta, orig, path))
     tokenizer = Tokenizer.from_gguf_metadata(meta, what=path)
 
     def get(name: str) -> np.ndarray:
