@@ -14,6 +14,12 @@ Each ``schedule(now)``:
    (the copies overlap the step, JAX dispatch being asynchronous);
 5. running jobs left out are preempted at the token boundary (KV stays put).
 Every decision is in the returned Plan; pages are allocated when it is made.
+Page moves (2-4) are recorded by ``scheduler/kv_planner.py``.
+
+Time: MLFQ quanta are charged in cost-model iteration seconds (``CostModel``),
+so the queue a job is in never depends on machine noise; ``now`` (wall clock in
+the engine, simulated clock in the simulator) drives arrival order and the
+starvation guard.
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ import dataclasses
 from scheduler.block_manager import PagePool, check_ownership
 from scheduler.cost_model import CostModel
 from scheduler.fcfs import FCFS
+from scheduler.kv_planner import KVPlanner
 from scheduler.mlfq import SkipJoinMLFQ
 from scheduler.plan import Plan, WorkItem
 from scheduler.request_state import Job, State
@@ -98,102 +105,69 @@ class Scheduler:
     def schedule(self, now: float) -> Plan:
         cfg = self.cfg
         live = list(self.jobs.values())
+        was_running = [j for j in live if j.state == State.RUNNING]
         self.policy.refresh(live, now)
         order = self.policy.order(live)
         rank = {j.rid: i for i, j in enumerate(order)}
         chosen: dict[str, WorkItem] = {}
-        evicted: set[str] = set()
-        swap_out: list[tuple[int, int]] = []
-        swap_in: list[tuple[int, int]] = []
-        dropped: list[str] = []
+        kv = KVPlanner(self.device, self.host, self.counters)
         budget = cfg.max_tokens_per_step
-        # Host pages read by this plan's swap-ins are freed only after planning: the engine runs all
-        # swap-outs before the swap-ins, so a swap-out must never write a page a swap-in still reads.
-        host_to_free: list[int] = []
+        resident = [v for v in reversed(order) if v.pages]      # KV on device, lowest rank first
+        resident_pages = sum(len(v.pages) for v in resident)
+        chosen_resident_pages = 0                               # of those, held by chosen jobs
 
-        def evict(victim: Job, allow_drop: bool) -> bool:
-            n = len(victim.pages)
-            if self.host.num_free >= n:
-                host = self.host.allocate(n)
-                swap_out.extend(zip(victim.pages, host))
-                self.counters["swap_out_pages"] += n
-                victim.host_pages, victim.state = host, State.SWAPPED
-            elif allow_drop:
-                victim.num_computed, victim.state = 0, State.WAITING
-                dropped.append(victim.rid)
-                self.counters["recomputes"] += 1
-            else:
-                return False
-            self.device.free(victim.pages)
-            victim.pages = []
-            evicted.add(victim.rid)
-            return True
-
-        def idle_on_device(below_rank: int):
-            """Device-resident jobs not in the batch, lowest rank first."""
-            return [v for v in reversed(order) if rank[v.rid] > below_rank and v.rid not in chosen and v.pages]
+        def idle_on_device(below_rank: int) -> list[Job]:
+            """Device-resident jobs ranked below ``below_rank`` and not in the batch, lowest first."""
+            return [v for v in resident if rank[v.rid] > below_rank and v.rid not in chosen and v.pages]
 
         for job in order:
             if len(chosen) >= cfg.max_batch or budget < 1:
                 break
-            if job.rid in evicted:
+            evictable = resident_pages - chosen_resident_pages - kv.freed_device
+            if self.device.num_free + evictable == 0:
+                break                         # every resident job is chosen; the rest need pages
+            if job.rid in kv.evicted:
                 continue
             need = job.known - job.num_computed
             n = 1 if need <= 1 else min(need, cfg.max_prefill_chunk, budget)
             new = self.pages_for(job.num_computed + n) - job.num_pages
             want = max(new, 0) + (len(job.host_pages) if job.state == State.SWAPPED else 0)
-            for victim in idle_on_device(rank[job.rid]):
-                if self.device.num_free >= want:
-                    break
-                evict(victim, allow_drop=True)
             if self.device.num_free < want:
-                continue
+                if self.device.num_free + evictable < want:
+                    continue                  # O(1) bound: long backlogs stay cheap to plan
+                victims = idle_on_device(rank[job.rid])
+                if self.device.num_free + sum(len(v.pages) for v in victims) < want:
+                    continue                  # cannot fit even after evicting: evict nobody in vain
+                for victim in victims:
+                    if self.device.num_free >= want:
+                        break
+                    kv.evict(victim, allow_drop=True)
+            chosen_resident_pages += len(job.pages)
             if job.state == State.SWAPPED:
-                dev = self.device.allocate(len(job.host_pages))
-                swap_in.extend(zip(job.host_pages, dev))
-                self.counters["swap_in_pages"] += len(dev)
-                host_to_free += job.host_pages
-                job.pages, job.host_pages = dev, []
+                kv.upload(job)
             if new > 0:
                 job.pages += self.device.allocate(new)
             chosen[job.rid] = WorkItem(job.rid, job.num_computed, n, job.num_computed + n >= job.known)
             budget -= n
 
-        # Proactive KV management (FastServe): keep a free margin on device by offloading the
-        # jobs that will run last; upload the next swapped jobs while there is room above it.
-        margin = int(cfg.offload_watermark * self.device.total)
-        for victim in idle_on_device(-1):
-            if self.device.num_free >= margin:
-                break
-            if not evict(victim, allow_drop=False):
-                break
-        for job in order:
-            if job.state != State.SWAPPED or job.rid in evicted or job.rid in chosen:
-                continue
-            if self.device.num_free - len(job.host_pages) < margin:
-                break
-            dev = self.device.allocate(len(job.host_pages))
-            swap_in.extend(zip(job.host_pages, dev))
-            self.counters["swap_in_pages"] += len(dev)
-            host_to_free += job.host_pages
-            job.pages, job.host_pages, job.state = dev, [], State.PREEMPTED
-        self.host.free(host_to_free)
+        kv.proactive(idle_on_device(-1), order, chosen, int(cfg.offload_watermark * self.device.total))
+        kv.finish()
 
-        preempted = []
         for job in live:
             if job.rid in chosen:
                 job.state = State.RUNNING
             elif job.state == State.RUNNING:
-                job.state = State.PREEMPTED if job.pages else job.state
-                preempted.append(job.rid)
+                job.state = State.PREEMPTED               # left out at the token boundary; KV stays
+        # Running last iteration and left out now, wherever their KV went (kept, offloaded, dropped).
+        preempted = [j.rid for j in was_running if j.rid not in chosen]
         self.counters["preemptions"] += len(preempted)
 
         work = sorted(chosen.values(), key=lambda w: w.num_tokens == 1)       # prefill chunks first
         prefill = sum(w.num_tokens for w in work if w.num_tokens > 1)
         rows = sum(1 for w in work if w.num_tokens == 1)
         ctx = sum(w.start + w.num_tokens for w in work)
-        self._last_cost = self.cost.iteration_time(prefill, rows, ctx, len(swap_out) + len(swap_in))
-        return Plan(tuple(work), tuple(swap_out), tuple(swap_in), tuple(preempted), tuple(dropped))
+        self._last_cost = self.cost.iteration_time(prefill, rows, ctx, len(kv.swap_out) + len(kv.swap_in))
+        return Plan(tuple(work), tuple(kv.swap_out), tuple(kv.swap_in), tuple(preempted), tuple(kv.dropped))
 
     def on_step_done(self, plan: Plan, now: float, finished=()) -> None:
         """Advance token counts, charge service time, release finished jobs."""

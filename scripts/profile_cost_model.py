@@ -1,26 +1,46 @@
 """Fit the scheduler's iteration-time model from the real engine; save it as JSON beside the model.
 
-usage: python scripts/profile_cost_model.py [--model M] [--max-batch 16] [--output FILE] [--repeats 3]
-Times prefill chunks of several lengths and decode steps at several batch sizes and contexts on
-the real engine, fits ``scheduler.cost_model.CostModel`` by least squares and writes it (default:
-``<model>.cost_model.json``). Use it with ``EngineConfig(cost_model=FILE)`` / ``--cost-model``.
+usage: python scripts/profile_cost_model.py [--model M] [--max-batch 16] [--max-model-len 512]
+           [--repeats 3] [--output FILE]
+Times prefill chunks of every compiled length and decode steps at several batch sizes and
+contexts on the real engine (after its warm-up, so nothing compiles while timing), takes the
+median of ``--repeats`` runs each, fits ``scheduler.cost_model.CostModel`` by least squares and
+writes it. Default output: ``<model file without .gguf>.cost_model.json`` beside the model
+(the current directory for ``random:*`` models or a read-only model directory). Use it with
+``EngineConfig(cost_model=FILE)`` / ``--cost-model FILE``.
 """
 import argparse
 import os
+import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def default_output(model: str | None, name: str) -> str:
+    if model is None:
+        from models.registry import default_model_path
+        model = default_model_path()
+    if model.startswith("random:"):
+        return f"{model.replace(':', '_')}.cost_model.json"
+    base = model.rstrip("/")
+    out = (base[:-5] if base.endswith(".gguf") else base) + ".cost_model.json"
+    if os.access(os.path.dirname(os.path.abspath(out)), os.W_OK):
+        return out
+    return f"{name}.cost_model.json"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None)
+    ap.add_argument("--model", default=None, help="default: the SmolLM2 GGUF; random:tiny for a smoke run")
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--max-model-len", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--output", default=None)
     a = ap.parse_args()
+    if a.repeats < 1 or a.max_batch < 1:
+        ap.error("--repeats and --max-batch must be >= 1")
     import jax
     from tqdm import tqdm
 
@@ -33,27 +53,32 @@ def main():
     eng = LLMEngine(EngineConfig(model=a.model, max_batch=a.max_batch, max_model_len=a.max_model_len,
                                  scheduler="fcfs"))
     S, runner, sp = eng.config.page_size, eng.runner, SamplingParams(temperature=0, max_tokens=4)
-    pages = list(range(1, a.max_model_len // S + 1))
+    buckets, L = eng.config.buckets(), eng.max_model_len
+    pages = list(range(1, -(-L // S) + 1))[:eng.kv.num_pages - 1]
+    shapes = [("prefill", n, 0) for n in buckets.prefill_tokens if n <= L]
+    shapes += [("decode", b, ctx) for b in (1, 2, 4, 8, 16, 32, 64, 128) if b <= a.max_batch
+               for ctx in sorted({min(64, L - 1), min(256, L - 1), L - 1})]
     samples = []
-    jobs = [("prefill", n, 0) for n in (16, 32, 64, 128, 256) if n <= eng.config.max_prefill_chunk]
-    jobs += [("decode", b, ctx) for b in (1, 2, 4, 8, 16, 32, 64) if b <= a.max_batch for ctx in (64, 256)
-             if ctx < a.max_model_len]
-    for kind, n, ctx in tqdm(jobs, desc="profiling steps"):
-        for _ in range(a.repeats + 1):
+    for kind, n, ctx in tqdm(shapes, desc="profiling steps"):
+        times = []
+        for _ in range(a.repeats + 1):                     # the first run is discarded (cache warm-up)
             if kind == "prefill":
-                row = Row(list(range(3, 3 + n)), 0, pages, 0, (sp, 0, 0, list(range(3, 3 + n)), n, ()))
+                toks = list(range(3, 3 + n))
+                row = Row(toks, 0, pages, 0, (sp, 0, 0, toks, n, ()))
                 t = time.perf_counter()
                 jax.block_until_ready(runner.prefill(row).tokens)
-                sample = {"prefill_tokens": n, "decode_rows": 0, "context_tokens": n}
             else:
                 rows = [Row([5], ctx, pages, 0, (sp, 0, 0, [5] * (ctx + 1), ctx, ())) for _ in range(n)]
                 t = time.perf_counter()
                 jax.block_until_ready(runner.decode(rows).tokens)
-                sample = {"prefill_tokens": 0, "decode_rows": n, "context_tokens": n * ctx}
-            sample["seconds"] = time.perf_counter() - t
-        samples.append(sample)                          # the last repeat (warm)
+            times.append(time.perf_counter() - t)
+        sample = ({"prefill_tokens": n, "decode_rows": 0, "context_tokens": n} if kind == "prefill" else
+                  {"prefill_tokens": 0, "decode_rows": n, "context_tokens": n * ctx})
+        samples.append({**sample, "seconds": statistics.median(times[1:])})
+    if eng.guard.violations:
+        print(f"warning: {eng.guard.violations} compilations while profiling; timings include them")
     cm = CostModel.fit(samples)
-    out = a.output or f"{eng.model_name}.cost_model.json"
+    out = a.output or default_output(a.model, eng.model_name)
     with open(out, "w") as f:
         f.write(cm.to_json())
     print(cm)
