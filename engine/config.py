@@ -80,6 +80,7 @@ class EngineConfig:
     mlfq_starve_limit: float = 30.0     # seconds without running -> promoted to the top queue
     cost_model: str | None = None       # JSON from scripts/profile_cost_model.py (None: CPU default)
     attn_impl: str = "auto"             # "auto" | "reference" | "pallas"
+    sampling_select: str = "auto"       # top-k/top-p candidates: "auto" | "top_k" | "compaction" | "sort"
     tensor_parallel: int = 1            # devices in the tensor-parallel mesh (across all processes)
     coordinator_address: str | None = None   # multi-host: "HOST:PORT" of process 0 (jax.distributed)
     num_processes: int = 1
@@ -98,6 +99,8 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be >= page_size, got {self.max_model_len}")
         if self.scheduler not in ("mlfq", "fcfs"):
             raise ValueError(f"scheduler must be 'mlfq' or 'fcfs', got {self.scheduler!r}")
+        if self.sampling_select not in ("auto", "top_k", "compaction", "sort"):
+            raise ValueError(f"sampling_select must be auto, top_k, compaction or sort, got {self.sampling_select!r}")
         if self.tensor_parallel < 1:
             raise ValueError(f"tensor_parallel must be >= 1, got {self.tensor_parallel}")
         if self.num_processes > 1 and not self.coordinator_address:

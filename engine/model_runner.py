@@ -1,10 +1,13 @@
 """Runs the model: static-shape jitted prefill and decode steps over bucketed shapes.
 
-Decode step  (B rows, C context):  tokens/positions/slots/seq_lens/max_tokens i32[B],
-    block_tables i32[B, C/S], sampling rows [B] -> next token, logprobs and the
-    compacted indices + count of rows that finished (stop id or max_tokens).
+Decode step  (B rows, C context):  tokens/positions/slots/seq_lens i32[B],
+    block_tables i32[B, C/S] -> logits f32[B, V].
 Prefill step (T tokens, C context): one request's chunk, tokens/positions/slots
     i32[T], block_table i32[1, C/S], last i32[] (row whose logits are sampled).
+Sampling step (B rows): logits, sampling rows [B], max_tokens i32[B] -> next token,
+    logprobs and the compacted indices + count of rows that finished (stop id or
+    max_tokens). A separate program, so it is compiled once per batch size rather
+    than once per (batch, context) bucket: the logits stay on device between them.
 The KV cache buffers are donated every call and rebound, so XLA updates them in
 place. ``warmup()`` compiles every shape in ``EngineConfig.buckets()``.
 """
@@ -15,7 +18,6 @@ import functools
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from engine.compile_guard import CompileGuard
@@ -51,15 +53,20 @@ class StepOutputs:
     num_finished: jax.Array   # i32[]
 
 
-def _step(cfg: ModelConfig, model: Llama, params, k, v, x: StepInputs, sb: SamplingBatch,
-          compaction_impl: str = "auto"):
+def _forward(cfg: ModelConfig, model: Llama, params, k, v, x: StepInputs):
+    """The model program: logits f32[B, V] at the rows' last tokens, and the updated caches."""
     meta = AttnMeta(x.slots, x.block_tables, x.seq_lens)
     h, k, v = model.apply({"params": params}, x.tokens, x.positions, k, v, meta)
-    h = h[x.last]                                                   # [B, D]
-    tok, lp, top_ids, top_lp, hit_stop = sample(logits(cfg, params, h), sb)
-    done = (x.max_tokens > 0) & (hit_stop | (sb.step + 1 >= x.max_tokens))
+    return logits(cfg, params, h[x.last]), k, v
+
+
+def _sample_step(lg, sb: SamplingBatch, max_tokens, *, compaction_impl: str = "auto",
+                 sampling_select: str = "auto") -> StepOutputs:
+    """The sampling program (one per batch size, shared by every context bucket and by prefill)."""
+    tok, lp, top_ids, top_lp, hit_stop = sample(lg, sb, select=sampling_select, compaction_impl=compaction_impl)
+    done = (max_tokens > 0) & (hit_stop | (sb.step + 1 >= max_tokens))
     idx, n = nonzero(done, size=done.shape[0], impl=compaction_impl)
-    return StepOutputs(tok, lp, top_ids, top_lp, idx, n), k, v
+    return StepOutputs(tok, lp, top_ids, top_lp, idx, n)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,16 +93,21 @@ class ModelRunner:
         self.mesh = mesh
         mk = lambda mode: Llama(model_cfg, mode=mode, dtype=dtype, attn_impl=ecfg.attn_impl, mesh=mesh)  # noqa: E731
         jit_kw: dict = {"donate_argnums": (1, 2)}
+        sample_kw: dict = {}
         self._replicated = None
         if mesh is not None:
             from jax.sharding import NamedSharding, PartitionSpec as P
             rep = self._replicated = NamedSharding(mesh, P())
             p_sh = jax.tree.map(lambda a: a.sharding, params)
-            jit_kw.update(in_shardings=(p_sh, kv.sharding, kv.sharding, rep, rep),
+            jit_kw.update(in_shardings=(p_sh, kv.sharding, kv.sharding, rep),
                           out_shardings=(rep, kv.sharding, kv.sharding))
+            sample_kw.update(in_shardings=(rep, rep, rep), out_shardings=rep)
         comp = "pallas" if ecfg.attn_impl == "pallas" else "auto"       # "pallas": every kernel in Pallas
-        self._decode = jax.jit(functools.partial(_step, model_cfg, mk("decode"), compaction_impl=comp), **jit_kw)
-        self._prefill = jax.jit(functools.partial(_step, model_cfg, mk("prefill")), **jit_kw)
+        self._decode = jax.jit(functools.partial(_forward, model_cfg, mk("decode")), **jit_kw)
+        self._prefill = jax.jit(functools.partial(_forward, model_cfg, mk("prefill")), **jit_kw)
+        self._sample = jax.jit(functools.partial(_sample_step, compaction_impl=comp,
+                                                 sampling_select=ecfg.sampling_select), **sample_kw)
+        self.history_len = ecfg.max_model_len       # penalty history: one sampling program per batch size
 
     # ------------------------------------------------------------------ host -> arrays
     def _inputs(self, rows: list[Row], B: int, N: int, C: int, prefill: bool):
@@ -121,7 +133,7 @@ class ModelRunner:
             last[r] = i + n - 1
             i += n
         x = StepInputs(tokens, positions, slots, tables, seq_lens, max_tokens, last)
-        sb = SamplingBatch(**host_rows([row.sampling for row in rows], B, C))
+        sb = SamplingBatch(**host_rows([row.sampling for row in rows], B, self.history_len))
         if self._replicated is not None and jax.process_count() > 1:
             from engine.sharding import put_global           # numpy is not a global array across hosts
             x, sb = jax.tree.map(lambda a: put_global(a, self._replicated), (x, sb))
@@ -129,8 +141,8 @@ class ModelRunner:
 
     def _run(self, fn, x, sb, where: str):
         with self.guard.watch(where):
-            out, self.kv.k, self.kv.v = fn(self.params, self.kv.k, self.kv.v, x, sb)
-            return to_host(out)
+            lg, self.kv.k, self.kv.v = fn(self.params, self.kv.k, self.kv.v, x)
+            return to_host(self._sample(lg, sb, x.max_tokens))
 
     def decode(self, rows: list[Row]) -> StepOutputs:
         """One token for each row (rows: at most max_batch)."""
@@ -160,7 +172,8 @@ class ModelRunner:
             B = n if mode == "decode" else 1
             x, sb = self._inputs([], B, n, c, prefill=mode == "prefill")
             fn = self._decode if mode == "decode" else self._prefill
-            out, self.kv.k, self.kv.v = fn(self.params, self.kv.k, self.kv.v, x, sb)
+            lg, self.kv.k, self.kv.v = fn(self.params, self.kv.k, self.kv.v, x)
+            self._sample(lg, sb, x.max_tokens)
         jax.block_until_ready(self.kv.k)
         self.kv.warmup()
         self.guard.arm()

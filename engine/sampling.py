@@ -2,8 +2,8 @@
 
 ``SamplingBatch`` holds one row per sequence. ``sample(logits, sb)`` applies
 penalties, then greedy (temperature 0) or temperature / top-k / top-p / min-p
-sampling with a per-row key ``fold_in(PRNGKey(seed), step)`` (step = number of
-tokens the request generated before this one), so a seeded request gives the
+sampling with one uniform per row from the key ``fold_in(PRNGKey(seed), step)``
+(step = number of tokens the request generated before this one), so a seeded request gives the
 same tokens whatever it is batched with, and after preemption or swaps.
 It also returns the sampled token's logprob and the top-n alternatives
 (of the model's raw distribution), and whether the row hit a stop id.
@@ -11,12 +11,14 @@ It also returns the sampled token's logprob and the top-n alternatives
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from engine.sampling_params import MAX_LOGPROBS, MAX_STOP_IDS, SamplingParams
+from engine.truncation import draw_plain, draw_truncated, truncates
 
 
 @jax.tree_util.register_dataclass
@@ -86,29 +88,23 @@ def _apply_penalties(logits, sb: SamplingBatch):
     return logits - sb.presence[:, None] * (out_counts > 0)
 
 
-def _filter(logits, sb: SamplingBatch):
-    """Mask tokens outside top-k / top-p / min-p with -inf (temperature applied)."""
+def _uniforms(sb: SamplingBatch):
+    keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.PRNGKey(s), t))(sb.seed, sb.step)
+    return jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys)
+
+
+def _draw(logits, sb: SamplingBatch, *, candidates: tuple[int, ...] = (1024, 8192), select: str = "auto",
+          compaction_impl: str = "auto"):
+    """Temperature / top-k / top-p / min-p sampling (engine/truncation.py), one uniform per row."""
     B, V = logits.shape
     x = logits / jnp.maximum(sb.temperature, 1e-6)[:, None]
-    order = jnp.argsort(-x, axis=-1)                             # descending
-    xs = jnp.take_along_axis(x, order, axis=-1)
-    ranks = jnp.arange(V)[None, :]
-    keep = jnp.where(sb.top_k[:, None] > 0, ranks < sb.top_k[:, None], True)
-    probs = jax.nn.softmax(jnp.where(keep, xs, -jnp.inf), axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs                 # mass strictly before
-    keep &= before < sb.top_p[:, None]
-    keep &= probs >= sb.min_p[:, None] * probs[:, :1]
-    keep = keep.at[:, 0].set(True)                               # the best token always stays
-    xs = jnp.where(keep, xs, -jnp.inf)
-    inv = jnp.argsort(order, axis=-1)
-    return jnp.take_along_axis(xs, inv, axis=-1)
-
-
-def _draw(logits, sb: SamplingBatch):
-    """Temperature / top-k / top-p / min-p sampling with per-row keys."""
-    filtered = _filter(logits, sb)
-    keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.PRNGKey(s), t))(sb.seed, sb.step)
-    return jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+    u = _uniforms(sb)
+    trunc = truncates(sb, V)
+    zeros = jnp.zeros((B,), jnp.int32)
+    cut = jax.lax.cond(jnp.any(trunc), lambda: draw_truncated(
+        x, u, sb, candidates=candidates, select=select, compaction_impl=compaction_impl), lambda: zeros)
+    plain = jax.lax.cond(jnp.any((sb.temperature > 0) & ~trunc), lambda: draw_plain(x, u), lambda: zeros)
+    return jnp.where(trunc, cut, plain)
 
 
 def _top_logprobs(raw_lp):
@@ -116,21 +112,24 @@ def _top_logprobs(raw_lp):
     return top_lp, top_ids.astype(jnp.int32)
 
 
-def sample(logits, sb: SamplingBatch):
+def sample(logits, sb: SamplingBatch, *, candidates: tuple[int, ...] = (1024, 8192), select: str = "auto",
+           compaction_impl: str = "auto"):
     """logits f32[B, V] -> (tokens i32[B], logprob f32[B], top_ids i32[B, N],
     top_logprobs f32[B, N], hit_stop bool[B]).
 
     The expensive parts are gated with ``lax.cond`` on per-row values, so an
     all-greedy batch without logprobs pays only for an argmax and a logsumexp:
-    penalties (when any row has one), the full-vocabulary sort and random draw
-    (when any row samples), top-n alternatives (when any row wants logprobs;
+    penalties (when any row has one), the random draw (when any row samples;
+    truncation works on ``candidates`` tokens per row chosen by ``select``, see
+    engine/truncation.py), top-n alternatives (when any row wants logprobs;
     otherwise they are returned as zeros / -inf).
     """
     B = logits.shape[0]
     any_pen = jnp.any((sb.presence != 0) | (sb.frequency != 0) | (sb.repetition != 1))
     pen = jax.lax.cond(any_pen, _apply_penalties, lambda l, _: l, logits, sb)
     greedy_tok = jnp.argmax(pen, axis=-1).astype(jnp.int32)
-    drawn = jax.lax.cond(jnp.any(sb.temperature > 0), _draw, lambda l, _: greedy_tok, pen, sb)
+    draw = functools.partial(_draw, candidates=candidates, select=select, compaction_impl=compaction_impl)
+    drawn = jax.lax.cond(jnp.any(sb.temperature > 0), draw, lambda l, _: greedy_tok, pen, sb)
     tokens = jnp.where(sb.temperature > 0, drawn, greedy_tok)
     lse = jax.nn.logsumexp(logits, axis=-1)
     lp = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0] - lse
