@@ -1,9 +1,12 @@
 """Prefill attention over pages, and the write of new K/V into pages.
 
 ``write_kv(k_cache, v_cache, layer, k, v, slot_mapping)``: k, v: f[T, Hkv, Dh];
-slot_mapping: i32[T] with slot = page * S + offset; slot < 0 marks a padding
-token whose K/V is not written. Returns the updated caches (donated in the
-engine step, so XLA updates them in place).
+slot_mapping: i32[T] with slot = page * S + offset; slot < 0 (or >= P * S)
+marks a padding token whose K/V is not written; values are cast to the cache
+dtype. Returns the updated caches (donated in the engine step, so they are
+updated in place). ``impl``: "reference" (XLA scatter), "pallas"
+(``kernels.kv_write_pallas.write_kv``: Triton on GPU, interpret mode on CPU),
+"auto" (Pallas on GPU, the reference elsewhere: the kernel has no TPU variant).
 
 ``prefill_attention(q, k_cache, v_cache, layer, block_table, positions)``: one
 request's chunk. q: f[T, Hq, Dh]; block_table: i32[P_max]; positions: i32[T]
@@ -21,13 +24,26 @@ import jax
 import jax.numpy as jnp
 
 
-def write_kv(k_cache, v_cache, layer, k, v, slot_mapping):
+def write_kv_reference(k_cache, v_cache, layer, k, v, slot_mapping):
     _, _, P, S, _ = k_cache.shape
     slot = jnp.where(slot_mapping < 0, P * S, slot_mapping)   # out of range -> dropped
     page, off = slot // S, slot % S
     k_cache = k_cache.at[layer, :, page, off].set(k.astype(k_cache.dtype), mode="drop")
     v_cache = v_cache.at[layer, :, page, off].set(v.astype(v_cache.dtype), mode="drop")
     return k_cache, v_cache
+
+
+def write_kv(k_cache, v_cache, layer, k, v, slot_mapping, *, impl: str = "auto"):
+    """Dispatch to the reference scatter or the Pallas kernel (see module docstring)."""
+    if impl == "auto":
+        impl = "pallas" if jax.default_backend() == "gpu" else "reference"
+    if impl == "reference":
+        return write_kv_reference(k_cache, v_cache, layer, k, v, slot_mapping)
+    if impl == "pallas":
+        from kernels import kv_write_pallas
+        return kv_write_pallas.write_kv(k_cache, v_cache, layer, k, v, slot_mapping,   # CPU: interpret mode
+                                        interpret=jax.default_backend() == "cpu")
+    raise ValueError(f"unknown KV write impl {impl!r}")
 
 
 def prefill_attention_reference(q, k_cache, v_cache, layer, block_table, positions, *,
@@ -59,7 +75,7 @@ def prefill_attention(q, k_cache, v_cache, layer, block_table, positions, *, sca
                       soft_cap: float | None = None, impl: str = "auto"):
     """Dispatch to the reference or the Pallas kernel (see module docstring)."""
     if impl == "auto":
-        impl = "reference" if jax.default_backend() == "cpu" else "pallas"
+        impl = "pallas" if jax.default_backend() == "gpu" else "reference"   # Triton-only kernel: TPU takes the reference
     if impl == "reference":
         return prefill_attention_reference(q, k_cache, v_cache, layer, block_table, positions,
                                            scale=scale, soft_cap=soft_cap)

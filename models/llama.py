@@ -91,7 +91,7 @@ def _normal(key, shape, dtype=jnp.float32):
 
 
 def _attend_local(q, k, v, k_cache, v_cache, meta: AttnMeta, positions, *, layer, mode, scale, impl):
-    k_cache, v_cache = write_kv(k_cache, v_cache, layer, k, v, meta.slot_mapping)
+    k_cache, v_cache = write_kv(k_cache, v_cache, layer, k, v, meta.slot_mapping, impl=impl)
     if mode == "decode":
         o = paged_attention(q, k_cache, v_cache, layer, meta.block_tables, meta.seq_lens, scale=scale, impl=impl)
     else:

@@ -1,6 +1,7 @@
-"""Kernel benchmarks for the lent GPU: HBM copy bandwidth, paged attention, prefill attention, NonZero compaction.
+"""Kernel benchmarks for the lent GPU: HBM copy bandwidth, paged attention, prefill attention, K/V write, NonZero compaction.
 
 usage: python scripts/bench_kernels.py [--output benchmarks/results/kernels_<gpu>.json] [--smoke] [--iters N]
+                                       [--sections attention,prefill,kv_write,compaction]
 
 One run measures, side by side on the same inputs:
   * HBM copy bandwidth (bytes read + written by a large device copy): the ceiling;
@@ -10,6 +11,13 @@ One run measures, side by side on the same inputs:
     reported), jax.experimental.pallas.ops.gpu.paged_attention (deprecated; its own layout,
     converted outside the timed region) and the XLA gather reference. GB/s = KV bytes read / time;
   * prefill attention over pages (one 512-token chunk after 1536 cached tokens): Pallas vs XLA;
+  * K/V write into pages by slot mapping, Llama-3-8B cache (32 layers, 8 kv heads, Dh 128, bf16,
+    page 16, 2048 pages: 2 GiB per cache) at T = 16 (decode: random slots), 512 and 4096 (prefill
+    chunks: consecutive offsets in shuffled pages): Ferry's Pallas kernel (a few tokens_per_block /
+    num_warps configurations) vs the XLA scatter reference, both with donated caches (in place, as in
+    the engine step). Checked bit for bit against the reference first. GB/s = K+V bytes written /
+    time; ``cache_copy_us`` is what one copy of both caches would cost at the copy bandwidth: a
+    time near it means the in-place aliasing failed;
   * compaction at n = 2^16, 2^20, 2^24 (50% density, bool mask): Ferry vs jnp.nonzero(size=n),
     and the bandwidth floor (n bytes read + 4 * count bytes written at the measured copy bandwidth).
 Every result is checked against the reference (relative L2 error; exact for compaction) before
@@ -32,9 +40,12 @@ import numpy as np  # noqa: E402
 from kernels.compaction_pallas import nonzero  # noqa: E402
 from kernels.paged_attention import paged_attention_reference  # noqa: E402
 from kernels.paged_attention_pallas import paged_attention  # noqa: E402
-from kernels.prefill_attention import prefill_attention_reference  # noqa: E402
+from kernels.kv_write_pallas import write_kv  # noqa: E402
+from kernels.prefill_attention import prefill_attention_reference, write_kv_reference  # noqa: E402
 from kernels.prefill_attention_pallas import prefill_attention  # noqa: E402
 
+KVW_CONFIGS = [dict(tokens_per_block=32, num_warps=4), dict(tokens_per_block=16, num_warps=2),
+               dict(tokens_per_block=64, num_warps=4), dict(tokens_per_block=64, num_warps=8)]
 PA_CONFIGS = [dict(pages_per_block=4, num_warps=4, num_stages=2), dict(pages_per_block=8, num_warps=4, num_stages=2),
               dict(pages_per_block=4, num_warps=8, num_stages=3), dict(pages_per_block=8, num_warps=8, num_stages=3)]
 
@@ -166,6 +177,83 @@ def bench_prefill(args, rng, results):
     print(f"prefill T={T} ctx={ctx}: ferry {_f(row['ferry_us'])} us  xla {_f(row['xla_ref_us'])} us", flush=True)
 
 
+def _kvw_slots(T, P, S, layout, rng):
+    """Decode ("random"): T distinct slots anywhere. Prefill chunk ("chunk"): consecutive offsets in shuffled pages."""
+    if layout == "random":
+        return jnp.asarray(rng.permutation(P * S)[:T].astype(np.int32))
+    pages = rng.permutation(np.arange(1, P))[:-(-T // S)]
+    t = np.arange(T)
+    return jnp.asarray((pages[t // S] * S + t % S).astype(np.int32))
+
+
+def timeit_donated(fn, caches, rest, iters):
+    """Median seconds per call of ``caches = fn(*caches, *rest)`` with the caches donated (updated in place)."""
+    for _ in range(2):
+        caches = jax.block_until_ready(fn(*caches, *rest))
+    ts = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        caches = jax.block_until_ready(fn(*caches, *rest))
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts)), caches
+
+
+def bench_kv_write(args, rng, results, copy_bw):
+    L, Hkv, Dh, S, P = (32, 8, 128, 16, 2048) if not args.smoke else (2, 2, 32, 16, 16)
+    cases = [(16, "random"), (512, "chunk"), (4096, "chunk")] if not args.smoke else [(16, "random"), (40, "chunk")]
+    dtype, layer = jnp.bfloat16, L // 2
+    configs = KVW_CONFIGS if not args.smoke else KVW_CONFIGS[:2]
+    shape = (L, Hkv, P, S, Dh)
+    kk, kv, kn = jax.random.split(jax.random.PRNGKey(0), 3)
+    caches = jax.block_until_ready((jax.random.normal(kk, shape, dtype), jax.random.normal(kv, shape, dtype)))
+    cache_bytes = 2 * caches[0].nbytes
+    for T, layout in cases:
+        k, v = jax.random.normal(jax.random.fold_in(kn, T), (2, T, Hkv, Dh), dtype)
+        slots = _kvw_slots(T, P, S, layout, rng)
+        written = 2 * T * Hkv * Dh * jnp.dtype(dtype).itemsize
+        row = {"T": T, "slots": layout, "layers": L, "kv_heads": Hkv, "head_dim": Dh, "page_size": S, "pages": P,
+               "bytes_written": written, "cache_bytes": cache_bytes,
+               "cache_copy_us": 2 * cache_bytes / copy_bw * 1e6, "ferry_configs": []}
+        # Check every config on the same untouched caches first (not donated: outputs are copies), then time
+        # with donation: timed runs rewrite the same values, so the caches stay equal to ``ref``.
+        ref = jax.jit(lambda kc, vc, k, v, s: write_kv_reference(kc, vc, layer, k, v, s))(*caches, k, v, slots)
+        for cfg in configs:
+            entry = dict(cfg, us=None)
+            try:
+                got = jax.jit(lambda kc, vc, k, v, s, cfg=cfg: write_kv(kc, vc, layer, k, v, s, interpret=args.smoke,
+                                                                        **cfg))(*caches, k, v, slots)
+                entry["ok"] = bool(jnp.array_equal(got[0], ref[0])) and bool(jnp.array_equal(got[1], ref[1]))
+                del got
+            except Exception as e:                                    # lowering failure: report, go on
+                entry.update(ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
+            row["ferry_configs"].append(entry)
+        del ref
+        for entry in row["ferry_configs"]:
+            if entry["ok"]:
+                cfg = {n: entry[n] for n in ("tokens_per_block", "num_warps")}
+                donated = jax.jit(lambda kc, vc, k, v, s, cfg=cfg: write_kv(
+                    kc, vc, layer, k, v, s, interpret=args.smoke, **cfg), donate_argnums=(0, 1))
+                t, caches = timeit_donated(donated, caches, (k, v, slots), args.iters)
+                entry["us"] = 1e6 * t
+        xla = jax.jit(lambda kc, vc, k, v, s: write_kv_reference(kc, vc, layer, k, v, s), donate_argnums=(0, 1))
+        t, caches = timeit_donated(xla, caches, (k, v, slots), args.iters)
+        row["xla_ref_us"] = 1e6 * t
+        good = [c for c in row["ferry_configs"] if c["ok"]]
+        row["ferry_default_us"] = row["ferry_configs"][0]["us"]
+        row["ferry_us"] = min(c["us"] for c in good) if good else None
+        row["ferry_best_config"] = min(good, key=lambda c: c["us"]) if good else None
+        for name in ("ferry", "ferry_default", "xla_ref"):
+            us = row[f"{name}_us"]
+            row[f"{name}_GBps"] = written / (us * 1e-6) / 1e9 if us else None
+        # bytes moved = K/V read + cache written = 2 * written; the copy bandwidth counts read + write too
+        row["ferry_frac_of_copy_bw"] = 2 * row["ferry_GBps"] * 1e9 / copy_bw if row["ferry_GBps"] else None
+        row["ferry_speedup_vs_xla"] = row["xla_ref_us"] / row["ferry_us"] if row["ferry_us"] else None
+        results["kv_write"].append(row)
+        print(f"kv write T={T:5d} ({layout}): ferry {_f(row['ferry_us'])} us {_f(row['ferry_GBps'])} GB/s  "
+              f"xla {_f(row['xla_ref_us'])} us {_f(row['xla_ref_GBps'])} GB/s  "
+              f"(copy of both caches: {row['cache_copy_us']:.0f} us)", flush=True)
+
+
 def bench_compaction(sizes, args, rng, results, copy_bw, density=0.5):
     for n in sizes:
         xs = [jnp.asarray(rng.random(n) < density) for _ in range(4 if n <= 1 << 22 else 1)]
@@ -200,6 +288,12 @@ def print_table(res):
     for r in res["prefill_attention"]:
         print(f"prefill T={r['T']} ctx={r['context']}: ferry {_f(r['ferry_TFLOPs'], 6, 1)} TFLOP/s  "
               f"xla {_f(r['xla_ref_TFLOPs'], 6, 1)} TFLOP/s")
+    print("K/V write (GB/s written)          ferry  ferry-default       xla  ferry/xla  ferry/copy   ferry us")
+    for r in res["kv_write"]:
+        frac = r["ferry_frac_of_copy_bw"]
+        print(f"  T={r['T']:5d} {r['slots']:6s}           {_f(r['ferry_GBps'])}     {_f(r['ferry_default_GBps'])}  "
+              f"{_f(r['xla_ref_GBps'])} {_f(r['ferry_speedup_vs_xla'], 9, 2)}x {_f(frac and 100 * frac, 9)}%  "
+              f"{_f(r['ferry_us'])}")
     print("compaction (us)            ferry   jnp.nonzero   speedup   floor   ferry/floor")
     for r in res["compaction"]:
         print(f"  n=2^{int(np.log2(r['n'])):2d}           {_f(r['ferry_us'])}     {_f(r['jnp_nonzero_us'])}  "
@@ -211,14 +305,20 @@ def main():
     ap.add_argument("--output", default=None, help="write all numbers as JSON here")
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, CPU, Pallas interpret mode")
+    ap.add_argument("--sections", default="attention,prefill,kv_write,compaction",
+                    help="comma-separated subset of attention,prefill,kv_write,compaction (copy bandwidth always runs)")
     args = ap.parse_args()
+    sections = set(args.sections.split(","))
+    unknown = sections - {"attention", "prefill", "kv_write", "compaction"}
+    if unknown:
+        ap.error(f"unknown sections {sorted(unknown)}")
     if args.smoke:
         jax.config.update("jax_platforms", "cpu")
     rng = np.random.default_rng(0)
     dev = jax.devices()[0]
     results = {"device": getattr(dev, "device_kind", str(dev)), "backend": jax.default_backend(),
                "jax": jax.__version__, "smoke": args.smoke, "paged_attention": [], "prefill_attention": [],
-               "compaction": []}
+               "kv_write": [], "compaction": []}
     if args.smoke:
         args.iters = 2
         attn_cases, nz_sizes, copy_bytes = [(1, 64), (4, 32)], [1 << 10, 1 << 12], 1 << 22
@@ -228,9 +328,14 @@ def main():
     bw = copy_bandwidth(copy_bytes, args.iters)
     results["copy_GBps"] = bw / 1e9
     print(f"device {results['device']}: copy bandwidth {bw / 1e9:.1f} GB/s", flush=True)
-    bench_attention(attn_cases, args, rng, results, bw)
-    bench_prefill(args, rng, results)
-    bench_compaction(nz_sizes, args, rng, results, bw)
+    if "attention" in sections:
+        bench_attention(attn_cases, args, rng, results, bw)
+    if "prefill" in sections:
+        bench_prefill(args, rng, results)
+    if "kv_write" in sections:
+        bench_kv_write(args, rng, results, bw)
+    if "compaction" in sections:
+        bench_compaction(nz_sizes, args, rng, results, bw)
     print_table(results)
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)

@@ -151,3 +151,28 @@ def test_penalties():
     p = SamplingParams(temperature=0, repetition_penalty=1.1)
     tok = sample(lg, _batch([_row(p, toks=[3], n_prompt=1)]))[0]
     assert int(tok[0]) == 4
+
+
+def test_compaction_threshold_bisects_between_rungs_for_flat_rows():
+    """A flat row's kept set fits in K candidates but no ladder rung holds it in at most K tokens:
+    the bisection still finds a threshold, so the row does not fall through to the next tier."""
+    from engine.truncation import LADDER, _threshold
+    rng = np.random.default_rng()
+    Vb, K = 400, 64
+    step = rng.uniform(0.0122, 0.0148)     # kept ~0.69/step in (46, 57); rungs 0.5, 1.0 hold ~41, ~82 tokens
+    x = -step * np.arange(Vb) + rng.uniform(0, step / 4, Vb)          # descending, no ties
+    x = x[rng.permutation(Vb)].astype(np.float32)
+    p = SamplingParams(temperature=1.0, top_p=0.5)
+    kept = _kept_reference(x, p)
+    assert 20 < len(kept) <= K
+    d = np.max(x) - x
+    rung_counts = [(int(np.sum(d <= r)), r) for r in LADDER]
+    assert not any(len(kept) <= c <= K for c, _ in rung_counts)      # no rung fits this row
+    xs = jnp.asarray(x[None])
+    e = jnp.exp(xs - jnp.max(xs))
+    t = float(jax.jit(_threshold, static_argnums=4)(xs, e, jnp.sum(e, -1), _batch([_row(p)]), K)[0])
+    above = set(np.flatnonzero(x >= t).tolist())
+    assert np.isfinite(t) and kept <= above and len(above) <= K
+    tok = {s: np.asarray(_sampler(sel, (K,))(xs, _batch([_row(p, 3, 0)]))[0])[0] for s, sel in
+           (("c", "compaction"), ("s", "sort"))}
+    assert tok["c"] == tok["s"]
