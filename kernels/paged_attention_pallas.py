@@ -20,6 +20,12 @@ head, contiguous range of the row's pages). A program
     an online softmax in f32 (running max ``m``, sum ``l``);
   * writes its partial ``(m, l, acc)``; an XLA log-sum-exp combine merges the
     splits (flash-decoding) and normalises.
+A head dim that is not a power of two (Triton tiles must be; e.g. 80, 96) runs
+on ``Dp = pow2(Dh)`` lanes: q is zero-padded outside the kernel (a few KiB),
+K/V lanes ``d >= Dh`` load a clamped, valid element of the same row (their
+products with q's zero lanes vanish, so scores are exact), and the padded
+lanes of ``acc`` are sliced off before the combine. Power-of-two head dims
+take the unchanged contiguous-row loads.
 ``num_splits`` defaults from ``(B, Hkv, pages)`` so that small batches with
 long contexts still put ~2 programs on each of the H100's 132 SMs.
 
@@ -31,6 +37,8 @@ per-page descriptor gain little here, and WGMMA needs 64-row tiles (4x more
 padding of G). Neither lowering could be compiled or timed in the session that
 wrote this (no GPU): ``scripts/bench_kernels.py`` measures the Triton kernel
 against JAX's deprecated kernel and XLA; a Mosaic GPU variant was not written.
+``tests/test_kernels_lowering.py`` lowers it for CUDA on a CPU host (Pallas ->
+Triton IR, checked: tiles, dots, grid, knobs); Triton's own compilation is untested.
 
 TPU: ``kernels/_tpu_paged_attention.py`` (block tables via scalar prefetch);
 ``backend="tpu"`` selects it (the default on a TPU backend).
@@ -51,14 +59,18 @@ def _pow2(n: int) -> int:
 
 def _kernel(lens_ref, bt_ref, layer_ref, q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, *,
             scale: float, soft_cap: float | None, G: int, Gp: int, page_size: int,
-            pages_per_block: int, blocks_per_split: int):
+            pages_per_block: int, blocks_per_split: int, head_dim: int):
     b, h, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     seq_len = lens_ref[b]
     layer = layer_ref[0]
     T = pages_per_block * page_size
     rows = jnp.minimum(jnp.arange(Gp), G - 1)                       # [Gp] padded rows repeat row G-1
-    q = q_ref[b, h * G + rows, :]                                    # [Gp, Dh] gather, registers only
-    Dh = q.shape[-1]
+    q = q_ref[b, h * G + rows, :]                                    # [Gp, Dp] gather, registers only
+    Dp = q.shape[-1]                                                 # pow2(head_dim): q arrives zero-padded
+    if Dp == head_dim:
+        lanes = (slice(None),)                                       # K/V rows: Dh contiguous elements
+    else:                                                            # lanes d >= Dh: clamped (valid) loads,
+        lanes = (jnp.minimum(jnp.arange(Dp), head_dim - 1)[None, :],)   # zeros in q cancel them in q @ K^T
     tf32 = q.dtype != jnp.float32                                    # f32 caches: exact f32 dots on GPU
     tok0 = sp * blocks_per_split * T                                 # first token of this split
     span = jnp.clip(seq_len - tok0, 0, blocks_per_split * T)
@@ -70,8 +82,10 @@ def _kernel(lens_ref, bt_ref, layer_ref, q_ref, k_ref, v_ref, m_ref, l_ref, acc_
         t = tok0 + i * T + tok                                       # [T] token positions
         page = bt_ref[b, t // page_size]                             # [T] block-table gather
         off = t % page_size
-        k = k_ref[layer, h, page, off, :]                            # [T, Dh] rows of Dh contiguous
-        v = v_ref[layer, h, page, off, :]
+        if Dp != head_dim:
+            page, off = page[:, None], off[:, None]
+        k = k_ref[(layer, h, page, off) + lanes]                     # [T, Dp] rows of Dh contiguous
+        v = v_ref[(layer, h, page, off) + lanes]
         valid = t < seq_len                                          # [T]
         s = plgpu.dot(q, k.astype(q.dtype), trans_b=True, allow_tf32=tf32).astype(jnp.float32) * scale   # [Gp, T]
         if soft_cap is not None:
@@ -85,7 +99,7 @@ def _kernel(lens_ref, bt_ref, layer_ref, q_ref, k_ref, v_ref, m_ref, l_ref, acc_
         return m_new, l * alpha + jnp.sum(p, axis=1), acc * alpha[:, None] + pv
 
     init = (jnp.full((Gp,), -jnp.inf, jnp.float32), jnp.zeros((Gp,), jnp.float32),
-            jnp.zeros((Gp, Dh), jnp.float32))
+            jnp.zeros((Gp, Dp), jnp.float32))
     m, l, acc = jax.lax.fori_loop(0, n_iter, body, init)
     # Duplicated rows store the same values at row G-1: no mask needed.
     m_ref[b, h, sp, rows] = m
@@ -157,6 +171,7 @@ def paged_attention(q, k_cache, v_cache, layer, block_tables, seq_lens, *, scale
     _, Hkv, _, S, _ = k_cache.shape
     G = Hq // Hkv
     Gp = max(16, _pow2(G))
+    Dp = _pow2(Dh)                                                    # Triton tiles: powers of two
     P_max = block_tables.shape[1]
     ppb = pages_per_block or default_pages_per_block(S, P_max)
     n_blocks = -(-P_max // ppb)
@@ -165,7 +180,8 @@ def paged_attention(q, k_cache, v_cache, layer, block_tables, seq_lens, *, scale
     tables = jnp.pad(block_tables.astype(jnp.int32), ((0, 0), (0, per * n * ppb - P_max)))  # null page
     layer_arr = jnp.asarray(layer, jnp.int32).reshape(1)
     kernel = functools.partial(_kernel, scale=scale, soft_cap=soft_cap, G=G, Gp=Gp, page_size=S,
-                               pages_per_block=ppb, blocks_per_split=per)
+                               pages_per_block=ppb, blocks_per_split=per, head_dim=Dh)
+    qp = q if Dp == Dh else jnp.pad(q, ((0, 0), (0, 0), (0, Dp - Dh)))   # zero lanes: exact scores
     whole = pl.no_block_spec                                          # every ref: raw pointer, indexed in-kernel
     extra = {}
     if not interpret:
@@ -174,7 +190,7 @@ def paged_attention(q, k_cache, v_cache, layer, block_tables, seq_lens, *, scale
         kernel, grid=(B, Hkv, n), in_specs=[whole] * 6, out_specs=[whole] * 3,
         out_shape=[jax.ShapeDtypeStruct((B, Hkv, n, G), jnp.float32),
                    jax.ShapeDtypeStruct((B, Hkv, n, G), jnp.float32),
-                   jax.ShapeDtypeStruct((B, Hkv, n, G, Dh), jnp.float32)],
+                   jax.ShapeDtypeStruct((B, Hkv, n, G, Dp), jnp.float32)],
         interpret=interpret, name="ferry_paged_attention", **extra,
-    )(seq_lens.astype(jnp.int32), tables, layer_arr, q, k_cache, v_cache)
-    return combine_splits(m, l, acc).reshape(B, Hq, Dh).astype(q.dtype)
+    )(seq_lens.astype(jnp.int32), tables, layer_arr, qp, k_cache, v_cache)
+    return combine_splits(m, l, acc[..., :Dh]).reshape(B, Hq, Dh).astype(q.dtype)

@@ -17,7 +17,12 @@ largest position among its rows (the causal bound: later pages are never
 read), with an online softmax in f32. K/V rows are gathered through the
 block table (``[T_kv, Dh]``, contiguous ``Dh`` vectors). Masking uses
 ``where`` on scores and on V, so stale data (NaN) in unwritten slots never
-leaks. Not compiled or timed on a GPU in the session that wrote it.
+leaks. A head dim that is not a power of two (Triton tiles must be) runs on
+``Dp = pow2(Dh)`` lanes: the q rows are zero-padded (with the row padding),
+K/V lanes ``d >= Dh`` are clamped loads whose products with q's zero lanes
+vanish, and the output's padded lanes are sliced off. Not compiled or timed on
+a GPU in the session that wrote it; ``tests/test_kernels_lowering.py`` lowers
+it for CUDA on a CPU host and checks the Triton IR.
 """
 from __future__ import annotations
 
@@ -34,12 +39,16 @@ def _pow2(n: int) -> int:
 
 
 def _kernel(bt_ref, layer_ref, pos_ref, q_ref, k_ref, v_ref, o_ref, *, scale: float,
-            soft_cap: float | None, page_size: int, pages_per_block: int):
+            soft_cap: float | None, page_size: int, pages_per_block: int, head_dim: int):
     h = pl.program_id(0)
     layer = layer_ref[0]
-    q = q_ref[...]                                                    # [BR, Dh]
+    q = q_ref[...]                                                    # [BR, Dp] (lanes >= Dh: zeros)
     pos = pos_ref[...]                                                # [BR] (-1 = padding)
-    BR, Dh = q.shape
+    BR, Dp = q.shape
+    if Dp == head_dim:
+        lanes = (slice(None),)                                        # K/V rows: Dh contiguous elements
+    else:                                                             # lanes d >= Dh: clamped (valid) loads,
+        lanes = (jnp.minimum(jnp.arange(Dp), head_dim - 1)[None, :],)    # cancelled by q's zero lanes
     tf32 = q.dtype != jnp.float32
     TK = pages_per_block * page_size
     max_pos = jnp.max(pos)
@@ -51,8 +60,10 @@ def _kernel(bt_ref, layer_ref, pos_ref, q_ref, k_ref, v_ref, o_ref, *, scale: fl
         t = j * TK + tok                                              # [TK]
         page = bt_ref[t // page_size]
         off = t % page_size
-        k = k_ref[layer, h, page, off, :]                             # [TK, Dh]
-        v = v_ref[layer, h, page, off, :]
+        if Dp != head_dim:
+            page, off = page[:, None], off[:, None]
+        k = k_ref[(layer, h, page, off) + lanes]                      # [TK, Dp]
+        v = v_ref[(layer, h, page, off) + lanes]
         s = plgpu.dot(q, k.astype(q.dtype), trans_b=True, allow_tf32=tf32).astype(jnp.float32) * scale
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)
@@ -66,7 +77,7 @@ def _kernel(bt_ref, layer_ref, pos_ref, q_ref, k_ref, v_ref, o_ref, *, scale: fl
         return m_new, l * alpha + jnp.sum(p, axis=1), acc * alpha[:, None] + pv
 
     init = (jnp.full((BR,), -jnp.inf, jnp.float32), jnp.zeros((BR,), jnp.float32),
-            jnp.zeros((BR, Dh), jnp.float32))
+            jnp.zeros((BR, Dp), jnp.float32))
     _, l, acc = jax.lax.fori_loop(0, n_iter, body, init)
     o_ref[...] = (acc / jnp.maximum(l, 1e-30)[:, None]).astype(o_ref.dtype)
 
@@ -100,20 +111,22 @@ def prefill_attention(q, k_cache, v_cache, layer, block_table, positions, *, sca
     P_max = block_table.shape[0]
     ppb = pages_per_block or int(min(max(1, 64 // S), _pow2(P_max)))
     n_rb = -(-R // BR)
+    Dp = _pow2(Dh)                                                    # Triton tiles: powers of two
     rows = q.reshape(T, Hkv, G, Dh).transpose(1, 0, 2, 3).reshape(Hkv, R, Dh)
-    rows = jnp.pad(rows, ((0, 0), (0, n_rb * BR - R), (0, 0)))
+    rows = jnp.pad(rows, ((0, 0), (0, n_rb * BR - R), (0, Dp - Dh)))  # zero lanes: exact scores
     pos = jnp.pad(jnp.repeat(positions.astype(jnp.int32), G), (0, n_rb * BR - R), constant_values=-1)
     table = jnp.pad(block_table.astype(jnp.int32), (0, (-(-P_max // ppb)) * ppb - P_max))   # null page
     extra = {}
     if not interpret:
         extra["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     out = pl.pallas_call(
-        functools.partial(_kernel, scale=scale, soft_cap=soft_cap, page_size=S, pages_per_block=ppb),
+        functools.partial(_kernel, scale=scale, soft_cap=soft_cap, page_size=S, pages_per_block=ppb,
+                          head_dim=Dh),
         grid=(Hkv, n_rb),
         in_specs=[pl.no_block_spec, pl.no_block_spec, pl.BlockSpec((BR,), lambda h, r: (r,)),
-                  pl.BlockSpec((None, BR, Dh), lambda h, r: (h, r, 0)), pl.no_block_spec, pl.no_block_spec],
-        out_specs=pl.BlockSpec((None, BR, Dh), lambda h, r: (h, r, 0)),
-        out_shape=jax.ShapeDtypeStruct((Hkv, n_rb * BR, Dh), q.dtype),
+                  pl.BlockSpec((None, BR, Dp), lambda h, r: (h, r, 0)), pl.no_block_spec, pl.no_block_spec],
+        out_specs=pl.BlockSpec((None, BR, Dp), lambda h, r: (h, r, 0)),
+        out_shape=jax.ShapeDtypeStruct((Hkv, n_rb * BR, Dp), q.dtype),
         interpret=interpret, name="ferry_prefill_attention", **extra,
     )(table, jnp.asarray(layer, jnp.int32).reshape(1), pos, rows, k_cache, v_cache)
-    return out[:, :R].reshape(Hkv, T, G, Dh).transpose(1, 0, 2, 3).reshape(T, Hq, Dh)
+    return out[:, :R, :Dh].reshape(Hkv, T, G, Dh).transpose(1, 0, 2, 3).reshape(T, Hq, Dh)

@@ -70,6 +70,24 @@ def test_bf16_soft_cap_and_large_page():
                                err_msg=f"seed={seed}")
 
 
+@pytest.mark.parametrize("Dh,dtype", [(80, jnp.float32), (96, jnp.bfloat16), (100, jnp.float32)])
+def test_head_dim_not_a_power_of_two(Dh, dtype):
+    """Triton tiles are powers of two: q is zero-padded to pow2(Dh) lanes, K/V lanes >= Dh are clamped
+    loads (NaN past each row's length), the padded lanes of the partial accumulators are dropped."""
+    seed = _seed()
+    rng = np.random.default_rng(seed)
+    q, k, v, bt, lens = _case(rng, B=5, Hq=6, Hkv=2, Dh=Dh, S=16, P_max=4, dtype=dtype)
+    ref = paged_attention_reference(q, k, v, 1, bt, lens, scale=0.1)
+    tol = 2e-5 if dtype == jnp.float32 else 2e-2
+    for splits, ppb in ((1, 1), (2, 2)):
+        got = paged_attention(q, k, v, 1, bt, lens, scale=0.1, num_splits=splits, pages_per_block=ppb,
+                              interpret=True)
+        assert got.shape == q.shape and got.dtype == dtype
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(ref, np.float32), rtol=tol, atol=tol,
+                                   err_msg=f"seed={seed} splits={splits} ppb={ppb}")
+    assert np.all(np.asarray(got, np.float32)[np.asarray(lens) == 0] == 0)
+
+
 def test_every_length_from_1_to_max():
     """One row per length 1..P_max*S (exact page multiples included), shuffled tables, both variants."""
     seed = _seed()

@@ -73,6 +73,24 @@ def test_first_chunk_bf16_soft_cap_page_128():
                                atol=2e-2, err_msg=f"seed={seed}")
 
 
+@pytest.mark.parametrize("Dh,dtype", [(80, jnp.float32), (96, jnp.bfloat16), (100, jnp.float32)])
+def test_head_dim_not_a_power_of_two(Dh, dtype):
+    """Triton tiles are powers of two: q is zero-padded to pow2(Dh) lanes, K/V lanes >= Dh are clamped
+    loads (stale NaN in unwritten slots everywhere else), the padded output lanes are dropped."""
+    seed = _seed()
+    rng = np.random.default_rng(seed)
+    q, k, v, kn, vn, table, positions, slots = _chunk_case(rng, 16, 13, 37, 6, 2, Dh, 16, 4, dtype=dtype)
+    k, v = write_kv(k, v, 1, kn, vn, slots)
+    ref = prefill_attention_reference(q, k, v, 1, table, positions, scale=0.1, soft_cap=20.0)
+    got = prefill_attention(q, k, v, 1, table, positions, scale=0.1, soft_cap=20.0, pages_per_block=1,
+                            block_rows=16, interpret=True)
+    assert got.shape == q.shape and got.dtype == dtype
+    tol = 2e-5 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(ref, np.float32), rtol=tol, atol=tol,
+                               err_msg=f"seed={seed}")
+    assert np.all(np.asarray(got, np.float32)[13:] == 0)
+
+
 def test_all_padding_chunk_outputs_zeros_and_bad_shapes_raise():
     rng = np.random.default_rng(_seed())
     q, k, v, _, _, table, _, _ = _chunk_case(rng, 8, 1, 3, 4, 2, 16, 16, 2)
