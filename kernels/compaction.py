@@ -9,8 +9,9 @@ order of ``jnp.nonzero``).
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
+
+from kernels.common import interpret, resolve_impl
 
 
 def nonzero_reference(x, *, size: int, fill_value: int = -1):
@@ -29,12 +30,7 @@ def nonzero_reference(x, *, size: int, fill_value: int = -1):
 
 def nonzero(x, *, size: int, fill_value: int = -1, impl: str = "auto"):
     """Dispatch to the reference or the Pallas kernel (see module docstring)."""
-    if impl == "auto":
-        impl = "pallas" if jax.default_backend() == "gpu" else "reference"   # Triton-only kernel: TPU takes the reference
-    if impl == "reference":
+    if resolve_impl(impl, "compaction") == "reference":               # Triton-only: TPU takes the reference
         return nonzero_reference(x, size=size, fill_value=fill_value)
-    if impl == "pallas":
-        from kernels import compaction_pallas
-        return compaction_pallas.nonzero(x, size=size, fill_value=fill_value,
-                                         interpret=jax.default_backend() == "cpu")
-    raise ValueError(f"unknown compaction impl {impl!r}")
+    from kernels import compaction_pallas
+    return compaction_pallas.nonzero(x, size=size, fill_value=fill_value, interpret=interpret())

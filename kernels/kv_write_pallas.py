@@ -56,9 +56,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
+from kernels.common import pow2
 
 
 def _kernel(slot_ref, layer_ref, k_ref, v_ref, kc_in_ref, vc_in_ref, kc_ref, vc_ref, *, n_tokens: int,
@@ -73,7 +71,7 @@ def _kernel(slot_ref, layer_ref, k_ref, v_ref, kc_in_ref, vc_in_ref, kc_ref, vc_
     slot = jnp.where(ok, slot, num_pages * page_size)                 # masked lanes: page P (never touched)
     page = jax.lax.div(slot, page_size)
     off = jax.lax.rem(slot, page_size)
-    Dp = _pow2(head_dim)                                              # Triton tiles: powers of two
+    Dp = pow2(head_dim)                                              # Triton tiles: powers of two
     d = jnp.arange(Dp, dtype=jnp.int32)
     idx = (layer, h, page[:, None], off[:, None], d[None, :])         # [BT, Dp] addresses
     mask = ok[:, None]
@@ -114,7 +112,7 @@ def write_kv(k_cache, v_cache, layer, k, v, slot_mapping, *, interpret: bool = F
     if T == 0:
         return k_cache, v_cache
     _, Hkv, P, S, Dh = k_cache.shape
-    BT = int(min(tokens_per_block, max(8, _pow2(T))))
+    BT = int(min(tokens_per_block, max(8, pow2(T))))
     extra = {}
     if not interpret:
         extra["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=1)

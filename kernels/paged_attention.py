@@ -16,8 +16,9 @@ Backends: ``impl="reference"`` (pure JAX gather + dense softmax, used on CPU),
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
+
+from kernels.common import interpret, resolve_impl
 
 
 def paged_attention_reference(q, k_cache, v_cache, layer, block_tables, seq_lens, *,
@@ -51,14 +52,11 @@ def paged_attention_reference(q, k_cache, v_cache, layer, block_tables, seq_lens
 def paged_attention(q, k_cache, v_cache, layer, block_tables, seq_lens, *, scale: float,
                     soft_cap: float | None = None, impl: str = "auto"):
     """Dispatch to the reference or the Pallas kernel (see module docstring)."""
-    if impl == "auto":
-        impl = "reference" if jax.default_backend() == "cpu" else "pallas"
+    impl = resolve_impl(impl, "paged attention", backends=("gpu", "tpu"))
     if impl == "reference":
         return paged_attention_reference(q, k_cache, v_cache, layer, block_tables, seq_lens,
                                          scale=scale, soft_cap=soft_cap)
-    if impl == "pallas":
-        from kernels import paged_attention_pallas
-        return paged_attention_pallas.paged_attention(      # CPU: interpret mode (tests)
-            q, k_cache, v_cache, layer, block_tables, seq_lens, scale=scale, soft_cap=soft_cap,
-            interpret=jax.default_backend() == "cpu")
-    raise ValueError(f"unknown paged attention impl {impl!r}")
+    from kernels import paged_attention_pallas
+    return paged_attention_pallas.paged_attention(      # CPU: interpret mode (tests)
+        q, k_cache, v_cache, layer, block_tables, seq_lens, scale=scale, soft_cap=soft_cap,
+        interpret=interpret())

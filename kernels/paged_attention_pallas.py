@@ -52,9 +52,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
+from kernels.common import pow2
 
 
 def _kernel(lens_ref, bt_ref, layer_ref, q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, *,
@@ -115,7 +113,7 @@ def default_splits(batch: int, kv_heads: int, num_blocks: int, target_programs: 
 
 def default_pages_per_block(page_size: int, max_pages: int) -> int:
     """~64 tokens per loop iteration (a power of two), never more pages than the table has."""
-    return int(min(max(1, 64 // page_size), _pow2(max_pages)))
+    return int(min(max(1, 64 // page_size), pow2(max_pages)))
 
 
 def combine_splits(m, l, acc):
@@ -170,8 +168,8 @@ def paged_attention(q, k_cache, v_cache, layer, block_tables, seq_lens, *, scale
     B, Hq, Dh = q.shape
     _, Hkv, _, S, _ = k_cache.shape
     G = Hq // Hkv
-    Gp = max(16, _pow2(G))
-    Dp = _pow2(Dh)                                                    # Triton tiles: powers of two
+    Gp = max(16, pow2(G))
+    Dp = pow2(Dh)                                                    # Triton tiles: powers of two
     P_max = block_tables.shape[1]
     ppb = pages_per_block or default_pages_per_block(S, P_max)
     n_blocks = -(-P_max // ppb)

@@ -20,8 +20,9 @@ against the reference and through the engine's prefill step; see docs/KERNELS.md
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
+
+from kernels.common import interpret, resolve_impl
 
 
 def write_kv_reference(k_cache, v_cache, layer, k, v, slot_mapping):
@@ -35,15 +36,11 @@ def write_kv_reference(k_cache, v_cache, layer, k, v, slot_mapping):
 
 def write_kv(k_cache, v_cache, layer, k, v, slot_mapping, *, impl: str = "auto"):
     """Dispatch to the reference scatter or the Pallas kernel (see module docstring)."""
-    if impl == "auto":
-        impl = "pallas" if jax.default_backend() == "gpu" else "reference"
-    if impl == "reference":
+    if resolve_impl(impl, "KV write") == "reference":
         return write_kv_reference(k_cache, v_cache, layer, k, v, slot_mapping)
-    if impl == "pallas":
-        from kernels import kv_write_pallas
-        return kv_write_pallas.write_kv(k_cache, v_cache, layer, k, v, slot_mapping,   # CPU: interpret mode
-                                        interpret=jax.default_backend() == "cpu")
-    raise ValueError(f"unknown KV write impl {impl!r}")
+    from kernels import kv_write_pallas
+    return kv_write_pallas.write_kv(k_cache, v_cache, layer, k, v, slot_mapping,   # CPU: interpret mode
+                                    interpret=interpret())
 
 
 def prefill_attention_reference(q, k_cache, v_cache, layer, block_table, positions, *,
@@ -74,14 +71,10 @@ def prefill_attention_reference(q, k_cache, v_cache, layer, block_table, positio
 def prefill_attention(q, k_cache, v_cache, layer, block_table, positions, *, scale: float,
                       soft_cap: float | None = None, impl: str = "auto"):
     """Dispatch to the reference or the Pallas kernel (see module docstring)."""
-    if impl == "auto":
-        impl = "pallas" if jax.default_backend() == "gpu" else "reference"   # Triton-only kernel: TPU takes the reference
-    if impl == "reference":
+    if resolve_impl(impl, "prefill attention") == "reference":       # Triton-only: TPU takes the reference
         return prefill_attention_reference(q, k_cache, v_cache, layer, block_table, positions,
                                            scale=scale, soft_cap=soft_cap)
-    if impl == "pallas":
-        from kernels import prefill_attention_pallas
-        return prefill_attention_pallas.prefill_attention(      # CPU: interpret mode (tests)
-            q, k_cache, v_cache, layer, block_table, positions, scale=scale, soft_cap=soft_cap,
-            interpret=jax.default_backend() == "cpu")
-    raise ValueError(f"unknown prefill attention impl {impl!r}")
+    from kernels import prefill_attention_pallas
+    return prefill_attention_pallas.prefill_attention(      # CPU: interpret mode (tests)
+        q, k_cache, v_cache, layer, block_table, positions, scale=scale, soft_cap=soft_cap,
+        interpret=interpret())

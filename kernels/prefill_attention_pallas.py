@@ -33,9 +33,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
+from kernels.common import pow2
 
 
 def _kernel(bt_ref, layer_ref, pos_ref, q_ref, k_ref, v_ref, o_ref, *, scale: float,
@@ -105,13 +103,13 @@ def prefill_attention(q, k_cache, v_cache, layer, block_table, positions, *, sca
         raise ValueError(f"bad shapes: Hq={Hq}, Hkv={Hkv}, positions {positions.shape}, page size {S}")
     G = Hq // Hkv
     R = T * G
-    BR = block_rows or min(64, max(16, _pow2(R)))
+    BR = block_rows or min(64, max(16, pow2(R)))
     if BR < 1 or BR & (BR - 1):
         raise ValueError(f"block_rows={BR} must be a power of two")
     P_max = block_table.shape[0]
-    ppb = pages_per_block or int(min(max(1, 64 // S), _pow2(P_max)))
+    ppb = pages_per_block or int(min(max(1, 64 // S), pow2(P_max)))
     n_rb = -(-R // BR)
-    Dp = _pow2(Dh)                                                    # Triton tiles: powers of two
+    Dp = pow2(Dh)                                                    # Triton tiles: powers of two
     rows = q.reshape(T, Hkv, G, Dh).transpose(1, 0, 2, 3).reshape(Hkv, R, Dh)
     rows = jnp.pad(rows, ((0, 0), (0, n_rb * BR - R), (0, Dp - Dh)))  # zero lanes: exact scores
     pos = jnp.pad(jnp.repeat(positions.astype(jnp.int32), G), (0, n_rb * BR - R), constant_values=-1)

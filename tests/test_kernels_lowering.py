@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from kernels.common import pow2
 from kernels.compaction_pallas import nonzero
 from kernels.paged_attention_pallas import default_pages_per_block, default_splits, paged_attention
 from kernels.prefill_attention_pallas import prefill_attention
@@ -47,10 +48,6 @@ if "lowering_platforms" not in inspect.signature(jax.stages.Traced.lower).parame
 SDS = jax.ShapeDtypeStruct
 I32 = jnp.int32
 TRITON = "__gpu$xla.gpu.triton"
-
-
-def _pow2(n):
-    return 1 << max(0, (int(n) - 1).bit_length())
 
 
 def _lower(fn, *args, platform="cuda"):
@@ -219,7 +216,7 @@ def test_paged_attention_lowers_to_triton(G, Dh, S, dt):
             assert k.name == "ferry_paged_attention" and k.grid == (B, Hkv, n), k
             assert (k.num_warps, k.num_stages) == (4, 2) and k.aliases == []
             assert k.result_types[2] == f"tensor<{B}x{Hkv}x{n}x{G}x{Dh}xf32>"
-            _check_dots(dots(k.ttir), max(16, _pow2(G)), T, Dh, ir_t, dt == "f32")
+            _check_dots(dots(k.ttir), max(16, pow2(G)), T, Dh, ir_t, dt == "f32")
             assert loop_loads(k.ttir) == [((T,), "i32"), ((T, Dh), ir_t), ((T, Dh), ir_t)]  # table, K, V
             assert _soft_capped(k.ttir) == (cap is not None)
             assert [n_ops for _, n_ops in stores(k.ttir)] == [2, 2, 2]         # m, l, acc: no mask
@@ -253,7 +250,7 @@ def test_non_power_of_two_head_dim_lowers(Dh):
     lower ("...whose size is a power of 2. Encountered an array of shape (16, 80)"). q is now padded
     with zeros to Dp = pow2(Dh) lanes outside the kernel, K/V lanes >= Dh are clamped loads (their
     products with q's zero lanes vanish), and the padded output lanes are sliced off."""
-    Dp = _pow2(Dh)
+    Dp = pow2(Dh)
     [k] = launches(_lower_pa(_pa_args(3, 12, 4, Dh, 16, 8, jnp.bfloat16)))
     assert k.operand_types[3] == f"tensor<3x12x{Dp}xbf16>"                  # q, zero-padded
     _check_dots(dots(k.ttir), 16, 64, Dp, "bf16", False)
@@ -303,7 +300,7 @@ def test_prefill_attention_lowers_to_triton(G, Dh, S, dt):
     TK = default_pages_per_block(S, P_max) * S
     for T, br, cap in ((1, None, None), (100, 16, 30.0), (64, 128, None), (100, None, 30.0)):
         [k] = launches(_lower_prefill(_prefill_args(T, G * Hkv, Hkv, Dh, S, P_max, dtype), block_rows=br, soft_cap=cap))
-        BR = br or min(64, max(16, _pow2(T * G)))
+        BR = br or min(64, max(16, pow2(T * G)))
         n_rb = -(-T * G // BR)
         assert k.name == "ferry_prefill_attention" and k.grid == (Hkv, n_rb, 1), (T, br, k.grid)
         assert (k.num_warps, k.num_stages) == (4, 2) and k.aliases == []
@@ -325,7 +322,7 @@ def test_nonzero_lowers_to_triton(shape, dtype):
     n = 1
     for d in shape:
         n *= d
-    block = min(1024, max(8, _pow2(n)))
+    block = min(1024, max(8, pow2(n)))
     nb = -(-n // block)
     x = SDS(shape, dtype)
     for size in (0, max(1, n // 3), 2 * n + 5):
