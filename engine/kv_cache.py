@@ -16,10 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from engine.config import Buckets
-from engine.sharding import put_global, to_host
+from ferry.engine.config import Buckets
+from ferry.engine.sharding import put_global, to_host
 from jax.sharding import NamedSharding, PartitionSpec as P
-from models.config import ModelConfig
+from ferry.models.config import ModelConfig
 
 
 def page_bytes(cfg: ModelConfig, page_size: int, dtype) -> int:

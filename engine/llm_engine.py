@@ -15,16 +15,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from engine.compile_guard import CompileGuard
-from engine.config import EngineConfig
-from engine.kv_cache import KVCache, pages_for_budget
-from engine.model_runner import ModelRunner, Row
-from engine.outputs import RequestOutput, TokenLogprob
-from engine.request import Request
-from engine.sampling_params import MAX_STOP_IDS, SamplingParams
-from models.llama import runtime_params
-from scheduler.cost_model import CostModel
-from scheduler.plan import Plan
+from ferry.engine.compile_guard import CompileGuard
+from ferry.engine.config import EngineConfig
+from ferry.engine.kv_cache import KVCache, pages_for_budget
+from ferry.engine.model_runner import ModelRunner, Row
+from ferry.engine.outputs import RequestOutput, TokenLogprob
+from ferry.engine.request import Request
+from ferry.engine.sampling_params import MAX_STOP_IDS, SamplingParams
+from ferry.models.llama import runtime_params
+from ferry.scheduler.plan import Plan
 
 log = logging.getLogger("ferry")
 
@@ -54,17 +53,17 @@ class LLMEngine:
     """
 
     def __init__(self, config: EngineConfig, bundle=None) -> None:
-        from scheduler.scheduler import Scheduler, SchedulerConfig
+        from ferry.scheduler.scheduler import Scheduler
 
         self.config = config
         enable_compile_cache(config.compile_cache_dir)
         dtype = resolve_dtype(config.dtype)
         self.dtype = dtype
         if bundle is None and config.model and config.model.startswith("random:"):
-            from models.random_weights import random_bundle
+            from ferry.models.random_weights import random_bundle
             bundle = random_bundle(config.model, seed=config.seed)
         if bundle is None:
-            from models.registry import load_model
+            from ferry.models.registry import load_model
             bundle = load_model(config.model, dtype="float32")
         self.model_config = bundle.config
         self.tokenizer = bundle.tokenizer
@@ -78,7 +77,7 @@ class LLMEngine:
         self.mesh, kv_sharding, compute_cfg, params = None, None, self.model_config, bundle.params
         if config.tensor_parallel > 1:
             from jax.sharding import NamedSharding
-            from engine import sharding as tp
+            from ferry.engine import sharding as tp
             layout = tp.head_layout(compute_cfg.num_heads, compute_cfg.num_kv_heads, config.tensor_parallel)
             compute_cfg = tp.padded_config(compute_cfg, layout)
             params = tp.relayout_params(params, self.model_config, layout)
@@ -100,13 +99,7 @@ class LLMEngine:
         self.kv = KVCache(compute_cfg, num_pages, config.page_size, host_pages, kv_dtype, config.buckets(),
                           self.guard, sharding=kv_sharding)
         self.runner = ModelRunner(compute_cfg, self.params, config, self.kv, dtype, self.guard, mesh=self.mesh)
-        buckets = config.buckets()
-        self.scheduler = Scheduler(SchedulerConfig(
-            max_batch=config.max_batch, max_tokens_per_step=config.max_batch + buckets.prefill_tokens[-1],
-            max_prefill_chunk=buckets.prefill_tokens[-1], page_size=config.page_size,
-            num_device_pages=num_pages, num_host_pages=host_pages, policy=config.scheduler,
-            base_quantum=config.mlfq_base_quantum, starve_limit=config.mlfq_starve_limit,
-            cost_model=CostModel.load(config.cost_model) if config.cost_model else None))
+        self.scheduler = Scheduler(config.scheduler_config(num_pages, host_pages))
         self._requests: dict[str, Request] = {}
         self._pending_final: list[RequestOutput] = []
         self._rng = np.random.default_rng(config.seed)
@@ -138,7 +131,7 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
                     priority: int = 0, now: float | None = None) -> None:
         """Validate and queue a request; raises ValueError with a clear message on bad input."""
-        from models.detokenizer import IncrementalDetokenizer
+        from ferry.models.detokenizer import IncrementalDetokenizer
 
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):

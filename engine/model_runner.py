@@ -20,14 +20,14 @@ import time
 import jax
 import numpy as np
 
-from engine.compile_guard import CompileGuard
-from engine.config import Buckets, EngineConfig
-from engine.kv_cache import KVCache
-from engine.sharding import to_host
-from engine.sampling import SamplingBatch, host_rows, sample
-from kernels.compaction import nonzero
-from models.config import ModelConfig
-from models.llama import AttnMeta, Llama, logits
+from ferry.engine.compile_guard import CompileGuard
+from ferry.engine.config import Buckets, EngineConfig
+from ferry.engine.kv_cache import KVCache
+from ferry.engine.sharding import to_host
+from ferry.engine.sampling import SamplingBatch, host_rows, sample
+from ferry.kernels.compaction import nonzero
+from ferry.models.config import ModelConfig
+from ferry.models.llama import AttnMeta, Llama, logits
 
 
 @jax.tree_util.register_dataclass
@@ -135,7 +135,7 @@ class ModelRunner:
         x = StepInputs(tokens, positions, slots, tables, seq_lens, max_tokens, last)
         sb = SamplingBatch(**host_rows([row.sampling for row in rows], B, self.history_len))
         if self._replicated is not None and jax.process_count() > 1:
-            from engine.sharding import put_global           # numpy is not a global array across hosts
+            from ferry.engine.sharding import put_global           # numpy is not a global array across hosts
             x, sb = jax.tree.map(lambda a: put_global(a, self._replicated), (x, sb))
         return x, sb
 

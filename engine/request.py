@@ -4,8 +4,8 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from engine.outputs import RequestOutput, RequestTimings, TokenLogprob
-from engine.sampling_params import SamplingParams
+from ferry.engine.outputs import RequestOutput, RequestTimings, TokenLogprob
+from ferry.engine.sampling_params import SamplingParams
 
 
 @dataclasses.dataclass

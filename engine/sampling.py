@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from engine.sampling_params import MAX_LOGPROBS, MAX_STOP_IDS, SamplingParams
-from engine.truncation import draw_plain, draw_truncated, truncates
+from ferry.engine.sampling_params import MAX_LOGPROBS, MAX_STOP_IDS, SamplingParams
+from ferry.engine.truncation import draw_plain, draw_truncated, truncates
 
 
 @jax.tree_util.register_dataclass

@@ -31,7 +31,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from models.config import ModelConfig
+from ferry.models.config import ModelConfig
 
 AXIS = "tp"
 KV_SPEC = P(None, AXIS, None, None, None)      # k/v cache f[L, Hkv, P, S, Dh]

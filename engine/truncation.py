@@ -152,7 +152,7 @@ def _threshold(x, e, z_full, sb, K: int):
 
 
 def _candidates_compaction(x, e, z_full, sb, K: int, compaction_impl: str):
-    from kernels.compaction import nonzero
+    from ferry.kernels.compaction import nonzero
     B, V = x.shape
     t = _threshold(x, e, z_full, sb, K)
     mask = x >= t[:, None]

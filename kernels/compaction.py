@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from kernels.common import interpret, resolve_impl
+from ferry.kernels.common import interpret, resolve_impl
 
 
 def nonzero_reference(x, *, size: int, fill_value: int = -1):
@@ -32,5 +32,5 @@ def nonzero(x, *, size: int, fill_value: int = -1, impl: str = "auto"):
     """Dispatch to the reference or the Pallas kernel (see module docstring)."""
     if resolve_impl(impl, "compaction") == "reference":               # Triton-only: TPU takes the reference
         return nonzero_reference(x, size=size, fill_value=fill_value)
-    from kernels import compaction_pallas
+    from ferry.kernels import compaction_pallas
     return compaction_pallas.nonzero(x, size=size, fill_value=fill_value, interpret=interpret())

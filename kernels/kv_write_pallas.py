@@ -56,7 +56,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels.common import pow2
+from ferry.kernels.common import pow2
 
 
 def _kernel(slot_ref, layer_ref, k_ref, v_ref, kc_in_ref, vc_in_ref, kc_ref, vc_ref, *, n_tokens: int,

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from kernels.common import interpret, resolve_impl
+from ferry.kernels.common import interpret, resolve_impl
 
 
 def paged_attention_reference(q, k_cache, v_cache, layer, block_tables, seq_lens, *,
@@ -56,7 +56,7 @@ def paged_attention(q, k_cache, v_cache, layer, block_tables, seq_lens, *, scale
     if impl == "reference":
         return paged_attention_reference(q, k_cache, v_cache, layer, block_tables, seq_lens,
                                          scale=scale, soft_cap=soft_cap)
-    from kernels import paged_attention_pallas
+    from ferry.kernels import paged_attention_pallas
     return paged_attention_pallas.paged_attention(      # CPU: interpret mode (tests)
         q, k_cache, v_cache, layer, block_tables, seq_lens, scale=scale, soft_cap=soft_cap,
         interpret=interpret())

@@ -52,7 +52,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels.common import pow2
+from ferry.kernels.common import pow2
 
 
 def _kernel(lens_ref, bt_ref, layer_ref, q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, *,
@@ -162,7 +162,7 @@ def paged_attention(q, k_cache, v_cache, layer, block_tables, seq_lens, *, scale
     _check(q, k_cache, v_cache, block_tables, seq_lens, pages_per_block, num_splits)
     backend = backend or ("tpu" if jax.default_backend() == "tpu" else "gpu")
     if backend == "tpu":
-        from kernels import _tpu_paged_attention
+        from ferry.kernels import _tpu_paged_attention
         return _tpu_paged_attention.paged_attention(q, k_cache, v_cache, layer, block_tables, seq_lens,
                                                     scale=scale, soft_cap=soft_cap, interpret=interpret)
     B, Hq, Dh = q.shape

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from kernels.common import interpret, resolve_impl
+from ferry.kernels.common import interpret, resolve_impl
 
 
 def write_kv_reference(k_cache, v_cache, layer, k, v, slot_mapping):
@@ -38,7 +38,7 @@ def write_kv(k_cache, v_cache, layer, k, v, slot_mapping, *, impl: str = "auto")
     """Dispatch to the reference scatter or the Pallas kernel (see module docstring)."""
     if resolve_impl(impl, "KV write") == "reference":
         return write_kv_reference(k_cache, v_cache, layer, k, v, slot_mapping)
-    from kernels import kv_write_pallas
+    from ferry.kernels import kv_write_pallas
     return kv_write_pallas.write_kv(k_cache, v_cache, layer, k, v, slot_mapping,   # CPU: interpret mode
                                     interpret=interpret())
 
@@ -74,7 +74,7 @@ def prefill_attention(q, k_cache, v_cache, layer, block_table, positions, *, sca
     if resolve_impl(impl, "prefill attention") == "reference":       # Triton-only: TPU takes the reference
         return prefill_attention_reference(q, k_cache, v_cache, layer, block_table, positions,
                                            scale=scale, soft_cap=soft_cap)
-    from kernels import prefill_attention_pallas
+    from ferry.kernels import prefill_attention_pallas
     return prefill_attention_pallas.prefill_attention(      # CPU: interpret mode (tests)
         q, k_cache, v_cache, layer, block_table, positions, scale=scale, soft_cap=soft_cap,
         interpret=interpret())

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels.common import pow2
+from ferry.kernels.common import pow2
 
 
 def _kernel(bt_ref, layer_ref, pos_ref, q_ref, k_ref, v_ref, o_ref, *, scale: float,

@@ -16,8 +16,8 @@ def convert(src: str, dst: str, dtype: str = "bfloat16", progress: bool = True, 
     (missing, corrupt, truncated or unsupported input) are ValueErrors naming
     the file and the problem.
     """
-    from models.orbax_io import save_checkpoint
-    from models.registry import load_model
+    from ferry.models.orbax_io import save_checkpoint
+    from ferry.models.registry import load_model
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")

@@ -17,9 +17,9 @@ import os
 
 import numpy as np
 
-from models.config import ModelConfig, RopeScaling
-from models.gguf_quants import dequantize
-from models.tokenizer import Tokenizer
+from ferry.models.config import ModelConfig, RopeScaling
+from ferry.models.gguf_quants import dequantize
+from ferry.models.tokenizer import Tokenizer
 
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
 _PERMUTED_QK = ("llama", "mistral")

@@ -35,9 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from kernels.paged_attention import paged_attention
-from kernels.prefill_attention import prefill_attention, write_kv
-from models.config import ModelConfig
+from ferry.kernels.paged_attention import paged_attention
+from ferry.kernels.prefill_attention import prefill_attention, write_kv
+from ferry.models.config import ModelConfig
 
 
 @jax.tree_util.register_dataclass
@@ -209,5 +209,5 @@ def runtime_params(params: dict) -> dict:
 
 def init_params(cfg: ModelConfig, seed: int = 0, dtype=np.float32) -> dict:
     """Random params in the storage layout (use ``runtime_params`` before ``Llama.apply``)."""
-    from models.random_weights import random_params
+    from ferry.models.random_weights import random_params
     return random_params(cfg, seed, dtype)

@@ -11,8 +11,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from models.config import ModelConfig
-from models.llama import apply_rope, rms_norm, rope_inv_freq
+from ferry.models.config import ModelConfig
+from ferry.models.llama import apply_rope, rms_norm, rope_inv_freq
 
 
 def _forward(cfg: ModelConfig, params, ids):

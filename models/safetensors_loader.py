@@ -14,8 +14,8 @@ import struct
 import ml_dtypes
 import numpy as np
 
-from models.config import ModelConfig
-from models.tokenizer import Tokenizer
+from ferry.models.config import ModelConfig
+from ferry.models.tokenizer import Tokenizer
 
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64,
            "I64": np.int64, "I32": np.int32, "I8": np.int8, "U8": np.uint8}

@@ -6,8 +6,8 @@ arrivals lose their KV first (the Scheduler swaps or drops it), as in vLLM.
 """
 from __future__ import annotations
 
-from scheduler.policy import Policy
-from scheduler.request_state import Job
+from ferry.scheduler.policy import Policy
+from ferry.scheduler.request_state import Job
 
 
 class FCFS(Policy):

@@ -19,8 +19,8 @@ the same plan may overwrite it.
 """
 from __future__ import annotations
 
-from scheduler.block_manager import PagePool
-from scheduler.request_state import Job, State
+from ferry.scheduler.block_manager import PagePool
+from ferry.scheduler.request_state import Job, State
 
 
 class KVPlanner:

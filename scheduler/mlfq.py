@@ -17,9 +17,9 @@ simulator).
 """
 from __future__ import annotations
 
-from scheduler.cost_model import CostModel
-from scheduler.policy import Policy
-from scheduler.request_state import Job, State
+from ferry.scheduler.cost_model import CostModel
+from ferry.scheduler.policy import Policy
+from ferry.scheduler.request_state import Job, State
 
 
 class SkipJoinMLFQ(Policy):

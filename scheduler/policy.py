@@ -6,7 +6,7 @@ and may reshuffle priorities over time (``refresh``: starvation guard).
 """
 from __future__ import annotations
 
-from scheduler.request_state import Job
+from ferry.scheduler.request_state import Job
 
 
 class Policy:

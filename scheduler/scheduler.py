@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import dataclasses
 
-from scheduler.block_manager import PagePool, check_ownership
-from scheduler.cost_model import CostModel
-from scheduler.fcfs import FCFS
-from scheduler.kv_planner import KVPlanner
-from scheduler.mlfq import SkipJoinMLFQ
-from scheduler.plan import Plan, WorkItem
-from scheduler.request_state import Job, State
+from ferry.scheduler.block_manager import PagePool, check_ownership
+from ferry.scheduler.cost_model import CostModel
+from ferry.scheduler.fcfs import FCFS
+from ferry.scheduler.kv_planner import KVPlanner
+from ferry.scheduler.mlfq import SkipJoinMLFQ
+from ferry.scheduler.plan import Plan, WorkItem
+from ferry.scheduler.request_state import Job, State
 
 
 @dataclasses.dataclass(frozen=True)

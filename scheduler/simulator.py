@@ -12,7 +12,7 @@ import dataclasses
 
 import numpy as np
 
-from scheduler.scheduler import Scheduler, SchedulerConfig
+from ferry.scheduler.scheduler import Scheduler, SchedulerConfig
 
 
 @dataclasses.dataclass(frozen=True)

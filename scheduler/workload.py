@@ -12,7 +12,7 @@ import json
 
 import numpy as np
 
-from scheduler.cost_model import CostModel
+from ferry.scheduler.cost_model import CostModel
 
 
 def heavy_tailed_lengths(rng, n: int, min_len: int, max_len: int, alpha: float) -> np.ndarray:

@@ -25,7 +25,7 @@ PROMPT = "Write a short story about a lighthouse keeper who finds a message in a
 
 
 def bench_ferry(llm, prompt_ids, batch: int, new_tokens: int, repeats: int) -> dict:
-    from engine import SamplingParams
+    from ferry import SamplingParams
     p = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     llm.generate([prompt_ids] * batch, p)                     # warm caches / first-touch
     best = None
@@ -62,11 +62,11 @@ def load_hf(shape: str | None, dtype: str):
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
     if shape is None:
-        from models.registry import default_model_path
+        from ferry.models.registry import default_model_path
         path = default_model_path()
         return AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
                                                     dtype=torch.float32).eval()
-    from models.config import SHAPES
+    from ferry.models.config import SHAPES
     c = SHAPES[shape]
     cfg = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
                       num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
@@ -101,7 +101,7 @@ def main() -> int:
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
 
-    from engine import LLM
+    from ferry import LLM
     import jax
     model = f"random:{args.shape}" if args.shape else None
     print(f"[bench] building Ferry engine (model={model or 'default'}, max_batch={max(batches)})", flush=True)

@@ -37,12 +37,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from kernels.compaction_pallas import nonzero  # noqa: E402
-from kernels.paged_attention import paged_attention_reference  # noqa: E402
-from kernels.paged_attention_pallas import paged_attention  # noqa: E402
-from kernels.kv_write_pallas import write_kv  # noqa: E402
-from kernels.prefill_attention import prefill_attention_reference, write_kv_reference  # noqa: E402
-from kernels.prefill_attention_pallas import prefill_attention  # noqa: E402
+from ferry.kernels.compaction_pallas import nonzero  # noqa: E402
+from ferry.kernels.paged_attention import paged_attention_reference  # noqa: E402
+from ferry.kernels.paged_attention_pallas import paged_attention  # noqa: E402
+from ferry.kernels.kv_write_pallas import write_kv  # noqa: E402
+from ferry.kernels.prefill_attention import prefill_attention_reference, write_kv_reference  # noqa: E402
+from ferry.kernels.prefill_attention_pallas import prefill_attention  # noqa: E402
 
 KVW_CONFIGS = [dict(tokens_per_block=32, num_warps=4), dict(tokens_per_block=16, num_warps=2),
                dict(tokens_per_block=64, num_warps=4), dict(tokens_per_block=64, num_warps=8)]

@@ -35,8 +35,8 @@ def _logits(synthetic: bool, rows: int, vocab: int):
         return np.stack([(-rng.uniform(1.25, 2.2) * np.log(ranks))[rng.permutation(V)]
                          + rng.normal(0, 0.3, V) for _ in range(rows)]).astype(np.float32)
     import jax.numpy as jnp
-    from models.naive import naive_logits
-    from models.registry import load_model
+    from ferry.models.naive import naive_logits
+    from ferry.models.registry import load_model
     b = load_model()
     ids = b.tokenizer.encode(TEXT)
     return np.asarray(naive_logits(b.config, b.params, jnp.asarray(ids)), np.float32)
@@ -54,8 +54,8 @@ def main():
     import jax.numpy as jnp
     import numpy as np
 
-    from engine.sampling import SamplingBatch, host_rows, sample
-    from engine.sampling_params import SamplingParams
+    from ferry.engine.sampling import SamplingBatch, host_rows, sample
+    from ferry.engine.sampling_params import SamplingParams
 
     all_logits = _logits(a.synthetic, 64, a.vocab)
     rng = np.random.default_rng(1)

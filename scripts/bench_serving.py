@@ -16,9 +16,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from scheduler.scheduler import SchedulerConfig  # noqa: E402
-from scheduler.simulator import JobResult, simulate, summarize  # noqa: E402
-from scheduler.workload import read_jsonl  # noqa: E402
+from ferry.scheduler.scheduler import SchedulerConfig  # noqa: E402
+from ferry.scheduler.simulator import JobResult, simulate, summarize  # noqa: E402
+from ferry.scheduler.workload import read_jsonl  # noqa: E402
 
 
 def run_sim(trace, policy, a):
@@ -34,7 +34,7 @@ def run_sim(trace, policy, a):
 
 
 def run_real(trace, policy, a):
-    from engine.llm import LLM
+    from ferry.engine.entrypoints.llm import LLM
     kw = dict(max_batch=a.max_batch, max_model_len=a.max_model_len, scheduler=policy,
               mlfq_base_quantum=a.base_quantum, mlfq_starve_limit=a.starve_limit)
     if a.num_pages:

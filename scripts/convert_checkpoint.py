@@ -17,7 +17,7 @@ def main() -> int:
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--overwrite", action="store_true")
     args = ap.parse_args()
-    from models.convert import convert
+    from ferry.models.convert import convert
     try:
         convert(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite)
     except ValueError as e:

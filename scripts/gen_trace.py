@@ -10,8 +10,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from scheduler.cost_model import CostModel  # noqa: E402
-from scheduler.workload import generate, write_jsonl  # noqa: E402
+from ferry.scheduler.cost_model import CostModel  # noqa: E402
+from ferry.scheduler.workload import generate, write_jsonl  # noqa: E402
 
 # An H100-like step profile for the simulator (decode nearly flat in batch size).
 GPU = CostModel(base=0.012, per_prefill_token=4e-5, per_decode_row=1e-4, per_context_token=2e-8, per_swap_page=2e-5)

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def default_output(model: str | None, name: str) -> str:
     if model is None:
-        from models.registry import default_model_path
+        from ferry.models.registry import default_model_path
         model = default_model_path()
     if model.startswith("random:"):
         return f"{model.replace(':', '_')}.cost_model.json"
@@ -44,11 +44,11 @@ def main():
     import jax
     from tqdm import tqdm
 
-    from engine.config import EngineConfig
-    from engine.llm_engine import LLMEngine
-    from engine.model_runner import Row
-    from engine.sampling_params import SamplingParams
-    from scheduler.cost_model import CostModel
+    from ferry.engine.config import EngineConfig
+    from ferry.engine.llm_engine import LLMEngine
+    from ferry.engine.model_runner import Row
+    from ferry.engine.sampling_params import SamplingParams
+    from ferry.scheduler.cost_model import CostModel
 
     eng = LLMEngine(EngineConfig(model=a.model, max_batch=a.max_batch, max_model_len=a.max_model_len,
                                  scheduler="fcfs"))

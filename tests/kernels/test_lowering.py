@@ -1,0 +1,459 @@
+"""Cross-platform lowering of every Pallas kernel (and of the engine's steps) for GPU and TPU, on a CPU host.
+
+No GPU or TPU has been available to this project, so the kernels were only ever run in interpret
+mode. Interpret mode does not run the Triton lowering: unsupported primitives, tiles whose size is
+not a power of two, bad indexing or dtypes only fail there. ``jit(f).trace(...).lower(
+lowering_platforms=("cuda",))`` runs it on a CPU host: with jaxlib 0.10.2 each ``pallas_call``
+becomes a ``__gpu$xla.gpu.triton`` custom call carrying the Triton IR (TTIR, MLIR bytecode), which
+is parsed back (and so verified) here. The tests assert on that IR, not just on "no exception":
+the number of kernel launches per program, their grids and Triton knobs, the input/output aliasing,
+the shapes and precision of the ``tt.dot`` tiles (every dimension >= 16, the minimum Triton's own
+``tl.dot`` enforces), the K/V gather tiles, the soft cap, masks and 64-bit addressing.
+
+What this does not cover: Triton's own compilation (TTIR -> TTGIR -> PTX: layouts, shared-memory
+budget, register pressure) and XLA's GPU compilation need a CUDA build of jaxlib and run only on a
+GPU; the numbers (correctness on hardware, speed) need the device. For TPU the Mosaic module is
+built (``lowering_platforms=("tpu",)`` under an abstract mesh naming a TPU chip, since the lowering
+queries the chip generation); Mosaic's layout passes run in libtpu at compile time, not here.
+Lowering only: no compile, every input abstract (``jax.ShapeDtypeStruct``), no memory allocated.
+Version note: Pallas's Triton registration carries the IR uncompiled only for jaxlib <= 0.10.2
+(a TODO there); a later jaxlib that compiles the kernel while lowering needs a GPU for these tests.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import inspect
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from ferry.kernels.common import pow2
+from ferry.kernels.compaction_pallas import nonzero
+from ferry.kernels.paged_attention_pallas import default_pages_per_block, default_splits, paged_attention
+from ferry.kernels.prefill_attention_pallas import prefill_attention
+
+try:                                          # private: parsing the Triton IR back needs its dialect
+    from jax._src.interpreters import mlir as jax_mlir
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.triton import dialect as tt_dialect
+except ImportError as e:                                                   # pragma: no cover
+    pytest.skip(f"Triton dialect bindings unavailable: {e}", allow_module_level=True)
+if "lowering_platforms" not in inspect.signature(jax.stages.Traced.lower).parameters:   # pragma: no cover
+    pytest.skip("jax.stages.Traced.lower has no lowering_platforms", allow_module_level=True)
+
+SDS = jax.ShapeDtypeStruct
+I32 = jnp.int32
+TRITON = "__gpu$xla.gpu.triton"
+
+
+def _lower(fn, *args, platform="cuda"):
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,))
+
+
+# ----------------------------------------------------------------------------- reading the lowered module
+@dataclasses.dataclass
+class Kernel:
+    """One Triton launch site: backend config of the custom call and its Triton IR."""
+
+    name: str
+    grid: tuple[int, int, int]
+    num_warps: int
+    num_stages: int
+    aliases: list[tuple[int, int]]           # (output index, operand index)
+    operand_types: list[str]
+    result_types: list[str]
+    ttir: str
+
+
+_TTIR_CACHE: dict[bytes, str] = {}
+
+
+def _ttir(bytecode: bytes) -> str:
+    if bytecode not in _TTIR_CACHE:
+        ctx = jax_mlir.make_ir_context()
+        tt_dialect.register_dialect(ctx)
+        with ctx:
+            _TTIR_CACHE[bytecode] = str(ir.Module.parse(bytecode))          # parse = verify
+    return _TTIR_CACHE[bytecode]
+
+
+def _int(attr) -> int:
+    return ir.IntegerAttr(attr).value
+
+
+def _kernel(op) -> Kernel:
+    cfg = ir.DictAttr(op.attributes["mhlo.backend_config"])
+    aliases = []
+    for a in ir.ArrayAttr(op.attributes["output_operand_aliases"]):
+        m = re.search(r"output_tuple_indices = \[(\d*)\], operand_index = (\d+)", str(a))
+        aliases.append((int(m.group(1) or 0), int(m.group(2))))
+    return Kernel(
+        name=ir.StringAttr(cfg["name"]).value,
+        grid=(_int(cfg["grid_x"]), _int(cfg["grid_y"]), _int(cfg["grid_z"])),
+        num_warps=_int(cfg["num_warps"]), num_stages=_int(cfg["num_stages"]), aliases=aliases,
+        operand_types=[str(v.type) for v in op.operands], result_types=[str(r.type) for r in op.results],
+        ttir=_ttir(ir.StringAttr(cfg["ir"]).value_bytes))
+
+
+def launches(lowered, target=TRITON) -> list:
+    """Custom calls reachable from ``main`` in program order, every ``func.call`` expanded: a jitted
+    kernel called once per layer is emitted once as a private function but launched L times."""
+    module = lowered.compiler_ir("stablehlo")
+    funcs = {ir.StringAttr(op.attributes["sym_name"]).value: op for op in module.body.operations
+             if op.operation.name == "func.func"}
+
+    def visit(op):
+        for region in op.regions:
+            for block in region.blocks:
+                for o in block.operations:
+                    name = o.operation.name
+                    if name == "stablehlo.custom_call":
+                        if ir.StringAttr(o.attributes["call_target_name"]).value == target:
+                            yield o
+                    elif name == "func.call":
+                        yield from visit(funcs[ir.FlatSymbolRefAttr(o.attributes["callee"]).value].operation)
+                    yield from visit(o.operation)
+
+    ops = list(visit(funcs["main"].operation))
+    return [_kernel(o) for o in ops] if target == TRITON else ops
+
+
+_TENSOR = r"tensor<([\dx]+)x([\w!<>.]+?)>"
+
+
+def _shape(s):
+    return tuple(int(d) for d in s.split("x"))
+
+
+def dots(ttir):
+    """[(lhs shape, rhs shape, out shape, operand dtype, tf32?)] of every ``tt.dot``."""
+    out = []
+    for line in ttir.splitlines():
+        if "tt.dot " not in line:
+            continue
+        m = re.search(rf": {_TENSOR} \* {_TENSOR} -> {_TENSOR}", line)
+        out.append((_shape(m.group(1)), _shape(m.group(3)), _shape(m.group(5)), m.group(2),
+                    "inputPrecision = tf32" in line))
+    return out
+
+
+def loads(ttir):
+    """[(shape, element type)] of every tensor ``tt.load``."""
+    return [(_shape(m.group(1)), m.group(2))
+            for m in re.finditer(r"tt\.load [^\n]*: tensor<([\dx]+)x!tt\.ptr<(\w+)>>", ttir)]
+
+
+def loop_loads(ttir):
+    """Sorted loads inside the kernel's ``scf.for`` (the page walk; the kernels have one loop)."""
+    body = ttir.split("scf.for", 1)[1].split("scf.yield", 1)[0]
+    return sorted(loads(body))
+
+
+def stores(ttir):
+    """[(shape, number of operands: 2 = unmasked, 3 = masked)] of every ``tt.store``."""
+    return [(_shape(m.group(2)) if m.group(2) else (), len(m.group(1).split(",")))
+            for m in re.finditer(r"tt\.store ([^:\n]+) : (?:tensor<([\dx]+)x)?!tt\.ptr", ttir)]
+
+
+def offsets_of(ttir, shape, elem):
+    """Offset types ({"i32"}, {"i64"}) of the ``tt.addptr`` ops that address ``shape`` tiles of ``elem``."""
+    s = "x".join(map(str, shape))
+    return set(re.findall(rf"tt\.addptr [^\n]*: tensor<{s}x!tt\.ptr<{elem}>>, tensor<{s}x(i\d+)>", ttir))
+
+
+def _soft_capped(ttir):
+    return "__nv_tanhf" in ttir
+
+
+def _check_dots(ks, M, N, Dp, dtype_ir, f32):
+    """Decode / prefill attention: scores [M, Dp] x [Dp, N] and p @ V [M, N] x [N, Dp], f32 accumulators,
+    every dimension at least the tensor-core minimum of 16, exact (IEEE) f32 dots for f32 inputs."""
+    (a1, b1, o1, t1, tf1), (a2, b2, o2, t2, tf2) = ks
+    assert (a1, b1, o1) == ((M, Dp), (Dp, N), (M, N))
+    assert (a2, b2, o2) == ((M, N), (N, Dp), (M, Dp))
+    assert t1 == t2 == dtype_ir
+    assert min(M, N, Dp) >= 16
+    if f32:
+        assert not tf1 and not tf2                                         # f32 caches: exact dots
+
+
+# ----------------------------------------------------------------------------- decode paged attention
+def _pa_args(B, Hq, Hkv, Dh, S, P_max, dtype, L=2, P=None):
+    P = P or B * P_max + 1
+    return (SDS((B, Hq, Dh), dtype), SDS((L, Hkv, P, S, Dh), dtype), SDS((L, Hkv, P, S, Dh), dtype),
+            SDS((B, P_max), I32), SDS((B,), I32), SDS((), I32))
+
+
+def _lower_pa(args, **kw):
+    return _lower(lambda q, k, v, bt, sl, layer: paged_attention(q, k, v, layer, bt, sl, scale=0.1, **kw), *args)
+
+
+DT = {"bf16": (jnp.bfloat16, "bf16"), "f32": (jnp.float32, "f32")}
+
+
+@pytest.mark.parametrize("dt", ["bf16", "f32"])
+@pytest.mark.parametrize("S", [16, 32, 128])
+@pytest.mark.parametrize("Dh", [64, 128])
+@pytest.mark.parametrize("G", [1, 3, 4, 8])
+def test_paged_attention_lowers_to_triton(G, Dh, S, dt):
+    """One launch per call, grid (B, Hkv, splits), both dots on >= 16-wide tiles, K/V gathered as
+    [T, Dh] tiles of the cache dtype, soft cap only when asked, unmasked partial stores (padded rows
+    duplicate row G-1), for split-K off and on and soft cap off and on."""
+    dtype, ir_t = DT[dt]
+    B, Hkv, P_max = 3, 2, 24
+    args = _pa_args(B, G * Hkv, Hkv, Dh, S, P_max, dtype)
+    ppb = default_pages_per_block(S, P_max)
+    T, n_blocks = ppb * S, -(-P_max // ppb)
+    for splits in (1, None):
+        for cap in (None, 30.0):
+            [k] = launches(_lower_pa(args, num_splits=splits, soft_cap=cap))
+            n = 1 if splits == 1 else default_splits(B, Hkv, n_blocks)
+            assert splits == 1 or n > 1                                    # split-K really on
+            assert k.name == "ferry_paged_attention" and k.grid == (B, Hkv, n), k
+            assert (k.num_warps, k.num_stages) == (4, 2) and k.aliases == []
+            assert k.result_types[2] == f"tensor<{B}x{Hkv}x{n}x{G}x{Dh}xf32>"
+            _check_dots(dots(k.ttir), max(16, pow2(G)), T, Dh, ir_t, dt == "f32")
+            assert loop_loads(k.ttir) == [((T,), "i32"), ((T, Dh), ir_t), ((T, Dh), ir_t)]  # table, K, V
+            assert _soft_capped(k.ttir) == (cap is not None)
+            assert [n_ops for _, n_ops in stores(k.ttir)] == [2, 2, 2]         # m, l, acc: no mask
+            assert offsets_of(k.ttir, (T, Dh), ir_t) == {"i32"}                 # small cache: 32-bit
+
+
+BENCH_CASES = [(1, 4096), (8, 2048), (64, 512), (64, 2048), (128, 1024)]       # scripts/bench_kernels.py
+
+
+def _bench_pa_configs():
+    from scripts.bench_kernels import PA_CONFIGS
+    return PA_CONFIGS
+
+
+@pytest.mark.parametrize("cfg", _bench_pa_configs(), ids=lambda c: "ppb{pages_per_block}-w{num_warps}-s{num_stages}".format(**c))
+def test_paged_attention_bench_configs_lower(cfg):
+    """Every knob configuration the GPU benchmark times, at its Llama-3-8B shapes (32 q / 8 kv heads,
+    Dh 128, bf16, page 16): the knobs reach the launch, the tile is pages_per_block * 16 tokens."""
+    for B, L in BENCH_CASES:
+        P_max = L // 16
+        [k] = launches(_lower_pa(_pa_args(B, 32, 8, 128, 16, P_max, jnp.bfloat16, L=1), **cfg))
+        n_blocks = -(-P_max // cfg["pages_per_block"])
+        assert k.grid == (B, 8, min(default_splits(B, 8, n_blocks), n_blocks)), (B, L, k.grid)
+        assert (k.num_warps, k.num_stages) == (cfg["num_warps"], cfg["num_stages"])
+        _check_dots(dots(k.ttir), 16, cfg["pages_per_block"] * 16, 128, "bf16", False)
+
+
+@pytest.mark.parametrize("Dh", [80, 96])
+def test_non_power_of_two_head_dim_lowers(Dh):
+    """Regression: Triton tiles must have power-of-two sizes, and a [T, 80] K/V gather failed to
+    lower ("...whose size is a power of 2. Encountered an array of shape (16, 80)"). q is now padded
+    with zeros to Dp = pow2(Dh) lanes outside the kernel, K/V lanes >= Dh are clamped loads (their
+    products with q's zero lanes vanish), and the padded output lanes are sliced off."""
+    Dp = pow2(Dh)
+    [k] = launches(_lower_pa(_pa_args(3, 12, 4, Dh, 16, 8, jnp.bfloat16)))
+    assert k.operand_types[3] == f"tensor<3x12x{Dp}xbf16>"                  # q, zero-padded
+    _check_dots(dots(k.ttir), 16, 64, Dp, "bf16", False)
+    assert loop_loads(k.ttir) == [((64,), "i32"), ((64, Dp), "bf16"), ((64, Dp), "bf16")]
+    [k] = launches(_lower_prefill(_prefill_args(40, 12, 4, Dh, 16, 8, jnp.bfloat16)))
+    assert k.result_types == [f"tensor<4x128x{Dp}xbf16>"]                  # R = 120 rows -> 2 blocks of 64
+    _check_dots(dots(k.ttir), 64, 64, Dp, "bf16", False)
+
+
+def test_caches_past_4_gib_use_64_bit_offsets():
+    """Llama-3-8B-sized caches (32 layers, 8 KV heads, 8192 pages of 16, Dh 128, bf16: 8 GiB each)
+    overflow 32-bit element offsets; the K/V gathers must address them in 64 bits (decode, prefill)."""
+    big = SDS((32, 8, 8192, 16, 128), jnp.bfloat16)
+    args = list(_pa_args(4, 32, 8, 128, 16, 128, jnp.bfloat16))
+    args[1] = args[2] = big
+    [k] = launches(_lower_pa(tuple(args)))
+    assert offsets_of(k.ttir, (64, 128), "bf16") == {"i64"}               # K/V gathers
+    assert offsets_of(k.ttir, (16, 128), "bf16") == {"i32"}               # q: small array
+    args = list(_prefill_args(4, 32, 8, 128, 16, 128, jnp.bfloat16))     # 16 q rows per KV head
+    args[1] = args[2] = big
+    [k] = launches(_lower_prefill(tuple(args)))
+    assert offsets_of(k.ttir, (64, 128), "bf16") == {"i64"}
+    assert offsets_of(k.ttir, (16, 128), "bf16") == {"i32"}
+
+
+# ----------------------------------------------------------------------------- prefill attention
+def _prefill_args(T, Hq, Hkv, Dh, S, P_max, dtype, L=2, P=None):
+    P = P or P_max + 3
+    return (SDS((T, Hq, Dh), dtype), SDS((L, Hkv, P, S, Dh), dtype), SDS((L, Hkv, P, S, Dh), dtype),
+            SDS((P_max,), I32), SDS((T,), I32), SDS((), I32))
+
+
+def _lower_prefill(args, **kw):
+    return _lower(lambda q, k, v, bt, pos, layer: prefill_attention(q, k, v, layer, bt, pos, scale=0.1, **kw), *args)
+
+
+@pytest.mark.parametrize("dt", ["bf16", "f32"])
+@pytest.mark.parametrize("S", [16, 32, 128])
+@pytest.mark.parametrize("Dh", [64, 128])
+@pytest.mark.parametrize("G", [1, 3, 4, 8])
+def test_prefill_attention_lowers_to_triton(G, Dh, S, dt):
+    """Grid (Hkv, row blocks), [block_rows, Dh] q tiles against [pages_per_block * S, Dh] K/V gathers,
+    one unmasked [block_rows, Dh] output store, for one token, a 100-token chunk (R = 100 G rows, not
+    a multiple of the block) and a 64-token chunk, default and explicit block_rows, soft cap on/off."""
+    dtype, ir_t = DT[dt]
+    Hkv, P_max = 2, 12
+    TK = default_pages_per_block(S, P_max) * S
+    for T, br, cap in ((1, None, None), (100, 16, 30.0), (64, 128, None), (100, None, 30.0)):
+        [k] = launches(_lower_prefill(_prefill_args(T, G * Hkv, Hkv, Dh, S, P_max, dtype), block_rows=br, soft_cap=cap))
+        BR = br or min(64, max(16, pow2(T * G)))
+        n_rb = -(-T * G // BR)
+        assert k.name == "ferry_prefill_attention" and k.grid == (Hkv, n_rb, 1), (T, br, k.grid)
+        assert (k.num_warps, k.num_stages) == (4, 2) and k.aliases == []
+        _check_dots(dots(k.ttir), BR, TK, Dh, ir_t, dt == "f32")
+        assert loop_loads(k.ttir) == [((TK,), "i32"), ((TK, Dh), ir_t), ((TK, Dh), ir_t)]
+        assert _soft_capped(k.ttir) == (cap is not None)
+        assert stores(k.ttir) == [((BR, Dh), 2)]
+
+
+# ----------------------------------------------------------------------------- compaction
+@pytest.mark.parametrize("dtype", [jnp.bool_, jnp.int8, jnp.int32, jnp.float32, jnp.bfloat16],
+                         ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("shape", [(1,), (1000,), (5000,), (3, 5), (4, 33, 7)], ids=str)
+def test_nonzero_lowers_to_triton(shape, dtype):
+    """Count then scatter, grid = blocks of the flattened input (last one partial: n is not a multiple
+    of the block), the scatter's output aliased to its pre-filled operand, the in-block rank a
+    ``tt.scan``, the block count a ``tt.reduce``, an unmasked scatter store (overflow lanes go to
+    trash slots), for size 0, size < n and size > n."""
+    n = 1
+    for d in shape:
+        n *= d
+    block = min(1024, max(8, pow2(n)))
+    nb = -(-n // block)
+    x = SDS(shape, dtype)
+    for size in (0, max(1, n // 3), 2 * n + 5):
+        count, scatter = launches(_lower(lambda x: nonzero(x, size=size), x))
+        assert (count.name, scatter.name) == ("ferry_nonzero_count", "ferry_nonzero_scatter")
+        assert count.grid == scatter.grid == (nb, 1, 1)
+        assert count.aliases == [] and scatter.aliases == [(0, 2)]
+        assert scatter.result_types == [f"tensor<{size + block}xi32>"]
+        assert '"tt.reduce"' in count.ttir and '"tt.scan"' in scatter.ttir
+        elem = {"bool": "i8", "int8": "i8", "int32": "i32", "float32": "f32", "bfloat16": "bf16"}[jnp.dtype(dtype).name]
+        assert loads(count.ttir) == [((block,), elem)]                     # bool is read as bytes
+        assert stores(scatter.ttir) == [((block,), 2)]
+
+
+# ----------------------------------------------------------------------------- engine steps
+@pytest.fixture
+def gpu_runner(monkeypatch):
+    """A ModelRunner for random:tiny-gqa3 (2 layers, 9 q / 3 kv heads, Dh 16) with attn_impl="pallas",
+    bf16, built on abstract parameters. The dispatchers pick interpret mode when
+    ``jax.default_backend() == "cpu"``; it is patched to "gpu" so that tracing takes the GPU path."""
+    from ferry.engine.config import EngineConfig
+    from ferry.engine.model_runner import ModelRunner
+    from ferry.models.config import SHAPES
+    from ferry.models.llama import runtime_params
+    from ferry.models.random_weights import random_params
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    cfg = SHAPES["tiny-gqa3"]
+    ecfg = EngineConfig(model="random:tiny-gqa3", attn_impl="pallas", max_batch=4, max_model_len=64)
+    params = jax.tree.map(lambda a: SDS(a.shape, jnp.bfloat16), runtime_params(random_params(cfg, 0)))
+    runner = ModelRunner(cfg, params, ecfg, kv=None, dtype=jnp.bfloat16, guard=None)
+    cache = SDS((cfg.num_layers, cfg.num_kv_heads, 12, ecfg.page_size, cfg.head_dim), jnp.bfloat16)
+    return runner, cfg, params, cache
+
+
+def _step_inputs(B, N, P):
+    from ferry.engine.model_runner import StepInputs
+    i = lambda *s: SDS(s, I32)  # noqa: E731
+    return StepInputs(i(N), i(N), i(N), i(B, P), i(B), i(B), i(B))
+
+
+@pytest.mark.parametrize("mode", ["decode", "prefill"])
+def test_engine_step_lowers_with_pallas_kernels(gpu_runner, mode):
+    """The engine's jitted decode / prefill step (``_forward``, caches donated) for CUDA: per layer one
+    K/V write (both caches aliased in place) then one attention kernel, and the donated caches are
+    aliased to the step's outputs, so no cache copy is needed anywhere in the step."""
+    runner, cfg, params, cache = gpu_runner
+    fn = runner._decode if mode == "decode" else runner._prefill
+    x = _step_inputs(4, 4, 4) if mode == "decode" else _step_inputs(1, 16, 4)
+    lowered = fn.trace(params, cache, cache, x).lower(lowering_platforms=("cuda",))
+    ks = launches(lowered)
+    attn = "ferry_paged_attention" if mode == "decode" else "ferry_prefill_attention"
+    assert [k.name for k in ks] == ["ferry_write_kv", attn] * cfg.num_layers
+    for w in ks[::2]:
+        assert w.aliases == [(0, 4), (1, 5)]
+    main = lowered.as_text().split("func.func public @main(", 1)[1].split("\n", 1)[0]
+    assert re.findall(r"tf\.aliasing_output = (\d+)", main) == ["1", "2"]     # donated k, v -> outputs 1, 2
+
+
+def test_engine_sample_step_lowers_with_pallas_compaction(gpu_runner):
+    """The sampling program (own jit, one per batch size) with a 32k vocabulary: the finished-row
+    compaction plus, inside the truncation ``lax.cond``, the candidate-tier compactions (GPU "auto"
+    select) all lower; each count kernel is followed by its scatter."""
+    runner = gpu_runner[0]
+    from ferry.engine.sampling import SamplingBatch, host_rows
+    B, V = 4, 32768
+    sb = jax.tree.map(lambda a: SDS(a.shape, a.dtype), SamplingBatch(**host_rows([], B, runner.history_len)))
+    ks = launches(runner._sample.trace(SDS((B, V), jnp.float32), sb, SDS((B,), I32)).lower(
+        lowering_platforms=("cuda",)))
+    names = [k.name for k in ks]
+    assert len(ks) >= 4 and names == ["ferry_nonzero_count", "ferry_nonzero_scatter"] * (len(ks) // 2)
+    grids = collections.Counter(k.grid[0] for k in ks[::2])
+    assert grids[1] == 1                                                   # done rows: 4 elements, 1 block
+    assert grids[B * V // 1024] == len(ks) // 2 - 1                       # [B, V] masks: 128 blocks
+
+
+# ----------------------------------------------------------------------------- TPU (Mosaic)
+@functools.lru_cache(maxsize=None)
+def _tpu_mesh(kind):
+    """An abstract one-device mesh on a TPU chip ``kind``: what the Mosaic lowering asks for its generation."""
+    try:
+        from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
+        return use_abstract_mesh, AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(
+            device_kind=kind, num_cores=1, platform="tpu"))
+    except (ImportError, TypeError) as e:
+        pytest.skip(f"abstract TPU device unavailable: {e}")
+
+
+@pytest.fixture
+def mosaic_modules(monkeypatch):
+    """Captures the Mosaic module text of each TPU pallas_call (serialized opaquely in the custom call)."""
+    try:
+        from jax._src.pallas.mosaic import pallas_call_registration as reg
+    except ImportError as e:
+        pytest.skip(f"Pallas Mosaic lowering unavailable: {e}")
+    seen = []
+    orig = reg.lowering.lower_jaxpr_to_pipelined_module
+
+    def capture(*a, **kw):
+        module = orig(*a, **kw)
+        seen.append(str(module))
+        return module
+
+    monkeypatch.setattr(reg.lowering, "lower_jaxpr_to_pipelined_module", capture)
+    return seen
+
+
+@pytest.mark.parametrize("kind", ["TPU v4", "TPU v5 lite", "TPU v6 lite"])
+@pytest.mark.parametrize("S", [16, 128])
+@pytest.mark.parametrize("G,Dh", [(1, 128), (3, 64), (8, 128), (3, 80)])
+def test_tpu_variant_lowers_to_mosaic(mosaic_modules, kind, S, G, Dh):
+    """The Mosaic TPU decode variant: one ``tpu_custom_call``, grid (B, Hkv, P_max) with the page axis
+    sequential, 3 scalar-prefetch operands (lengths, tables, layer) and 3 scratch buffers, one page of
+    K/V per step ([S, Dh] window), two matmuls, soft cap only when asked, bf16 and f32.
+    On a CPU host only under an abstract mesh naming a TPU: without it the lowering asks the default
+    (CPU) device for its TPU generation and fails with "Unsupported TPU device kind: cpu"."""
+    B, Hkv, P_max = 2, 2, 9
+    for dtype in (jnp.bfloat16, jnp.float32):
+        for cap in (None, 20.0):
+            mosaic_modules.clear()
+            args = _pa_args(B, G * Hkv, Hkv, Dh, S, P_max, dtype)
+            use_mesh, mesh = _tpu_mesh(kind)
+            with use_mesh(mesh):
+                lowered = _lower(lambda q, k, v, bt, sl, layer: paged_attention(
+                    q, k, v, layer, bt, sl, scale=0.1, soft_cap=cap, backend="tpu"), *args, platform="tpu")
+            assert len(launches(lowered, target="tpu_custom_call")) == 1
+            [m] = mosaic_modules
+            assert f"iteration_bounds = array<i64: {B}, {Hkv}, {P_max}>" in m
+            assert ("dimension_semantics = [#tpu.dimension_semantics<parallel>, #tpu.dimension_semantics<parallel>, "
+                    "#tpu.dimension_semantics<arbitrary>]") in m
+            assert "scalar_prefetch = 3 : i64, scratch_operands = 3 : i64" in m
+            assert m.count(f"window_bounds = array<i64: 1, 1, 1, {S}, {Dh}>") == 2      # K, V: one page
+            assert m.count(f"window_bounds = array<i64: 1, 1, {G}, {Dh}>") == 2         # q, out
+            assert m.count("tpu.matmul") == 2
+            assert ("math.tanh" in m) == (cap is not None)

@@ -1,0 +1,126 @@
+"""Simulator, workloads, cost model and the benchmark scripts (pure Python, no JAX)."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from ferry.scheduler.cost_model import CostModel
+from ferry.scheduler.scheduler import SchedulerConfig
+from ferry.scheduler.simulator import simulate, summarize
+from ferry.scheduler.workload import generate, read_jsonl, write_jsonl
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# H100-like step profile (as scripts/gen_trace.py's "gpu"): batching is nearly free.
+GPU = CostModel(base=0.012, per_prefill_token=4e-5, per_decode_row=1e-4, per_context_token=2e-8, per_swap_page=2e-5)
+
+
+def _cfg(policy, **kw):
+    base = dict(max_batch=16, max_tokens_per_step=16 + 256, max_prefill_chunk=256, page_size=16,
+                num_device_pages=300, num_host_pages=2048, policy=policy, cost_model=GPU, base_quantum=0.4,
+                starve_limit=10.0)
+    base.update(kw)
+    return SchedulerConfig(**base)
+
+
+def test_simulator_handles_ten_thousand_jobs():
+    trace = generate(10_000, load=0.8, max_batch=16, seed=3, out_max=256)
+    cfg = SchedulerConfig(max_batch=16, max_tokens_per_step=272, max_prefill_chunk=256, page_size=16,
+                          num_device_pages=1024, num_host_pages=1024, policy="mlfq")
+    res, stats = simulate(trace, cfg)
+    s = summarize(res, stats)
+    assert s["jobs"] == 10_000 and s["p99_jct"] >= s["p50_jct"] > 0
+    assert stats["device_pages_used"] == 0 and stats["host_pages_used"] == 0
+
+
+def test_simulation_is_deterministic_and_respects_the_cost_model():
+    trace = generate(300, load=0.85, max_batch=16, cost=GPU, seed=5, out_max=512)
+    a, sa = simulate(trace, _cfg("mlfq"))
+    b, sb = simulate(trace, _cfg("mlfq"))
+    assert a == b and sa == sb
+    for job, r in zip(trace, a):
+        # one sampled token per iteration at most, and no iteration is cheaper than the base cost
+        assert r.jct >= job["output_len"] * GPU.base - 1e-9
+        assert r.ttft >= GPU.prefill_time(job["prompt_len"]) - 1e-9
+
+
+def test_mlfq_cuts_average_and_tail_jct_on_a_heavy_tailed_trace():
+    # 0.9 load, bursty (CV 2) arrivals, Pareto outputs up to 2048 tokens; KV for ~6400 tokens on device
+    trace = generate(1000, load=0.9, arrival="gamma", cv=2.0, alpha=0.8, out_max=2048, max_batch=32, cost=GPU,
+                     seed=3)
+    cfg = dict(max_batch=32, num_device_pages=400)
+    fcfs = summarize(*simulate(trace, _cfg("fcfs", **cfg)))
+    mlfq = summarize(*simulate(trace, _cfg("mlfq", **cfg)))
+    assert mlfq["avg_jct"] * 2 < fcfs["avg_jct"], (mlfq, fcfs)
+    assert mlfq["p95_jct"] * 1.5 < fcfs["p95_jct"], (mlfq, fcfs)
+    assert mlfq["avg_ttft"] < fcfs["avg_ttft"]
+    assert mlfq["demotions"] > 0 and mlfq["preemptions"] > 0 and fcfs["demotions"] == 0
+
+
+def test_trace_jsonl_round_trip_and_bad_lines(tmp_path):
+    jobs = [{"arrival": 0.0, "prompt_len": 3, "output_len": 4, "prompt": "hi"},
+            {"arrival": 0.5, "prompt_len": 7, "output_len": 1}]
+    p = tmp_path / "t.jsonl"
+    write_jsonl(str(p), jobs)
+    assert read_jsonl(str(p)) == jobs
+    p.write_text('{"arrival": 0, "prompt_len": 3, "output_len": 4}\n{"arrival": 1, "prompt_len": 3}\n')
+    with pytest.raises(ValueError, match=":2:"):
+        read_jsonl(str(p))
+
+
+def test_generator_lengths_arrivals_and_load():
+    n = 4000
+    for arrival, cv in (("poisson", 1.0), ("gamma", 3.0)):
+        t = generate(n, arrival=arrival, cv=cv, out_min=8, out_max=1024, prompt_max=512, seed=2)
+        gaps = np.diff([j["arrival"] for j in t])
+        assert np.all(gaps >= 0)
+        got_cv = gaps.std() / gaps.mean()
+        assert abs(got_cv - cv) < 0.25 * cv, (arrival, got_cv)
+        outs = np.array([j["output_len"] for j in t])
+        assert outs.min() >= 8 and outs.max() <= 1024 and all(4 <= j["prompt_len"] <= 512 for j in t)
+        assert np.median(outs) < outs.mean() / 1.5               # heavy tail: mean far above median
+    slow = generate(500, load=0.4, seed=0)
+    fast = generate(500, load=0.8, seed=0)
+    assert fast[-1]["arrival"] == pytest.approx(slow[-1]["arrival"] / 2, rel=1e-3)
+    with pytest.raises(ValueError):
+        generate(10, arrival="uniform")
+
+
+def test_cost_model_fit_and_json():
+    truth = CostModel(base=0.02, per_prefill_token=0.001, per_decode_row=0.003, per_context_token=1e-5,
+                      per_swap_page=0.0)
+    rng = np.random.default_rng(0)
+    samples = []
+    for _ in range(40):
+        p, r, c = int(rng.integers(0, 200)), int(rng.integers(1, 16)), int(rng.integers(0, 4000))
+        samples.append({"prefill_tokens": p, "decode_rows": r, "context_tokens": c,
+                        "seconds": truth.iteration_time(p, r, c)})
+    fit = CostModel.fit(samples)
+    for k in ("base", "per_prefill_token", "per_decode_row", "per_context_token"):
+        assert getattr(fit, k) == pytest.approx(getattr(truth, k), rel=1e-6, abs=1e-12)
+    assert CostModel.from_json(fit.to_json()) == fit
+    assert fit.iteration_time() == 0.0
+
+
+def test_gen_trace_and_bench_serving_scripts(tmp_path):
+    trace, out, png = tmp_path / "t.jsonl", tmp_path / "r.json", tmp_path / "cdf.png"
+    subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gen_trace.py"), str(trace), "--jobs", "120",
+                    "--load", "0.85", "--out-max", "512", "--seed", "4"], check=True, capture_output=True)
+    assert len(read_jsonl(str(trace))) == 120
+    subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench_serving.py"), "--trace", str(trace),
+                    "--policy", "both", "--simulate", "--max-batch", "16", "--num-pages", "200",
+                    "--base-quantum", "0.4", "--output", str(out), "--plot", str(png)],
+                   check=True, capture_output=True)
+    r = json.loads(out.read_text())
+    for pol in ("fcfs", "mlfq"):
+        for k in ("avg_jct", "p50_jct", "p95_jct", "p99_jct", "avg_ttft", "throughput_tok_s", "preemptions",
+                  "demotions", "promotions", "swap_out_pages", "swap_in_pages"):
+            assert k in r[pol], (pol, k)
+        assert r[pol]["jobs"] == 120
+    assert r["fcfs_over_mlfq"]["avg_jct"] > 1
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench_serving.py"), "--trace", str(trace),
+                          "--policy", "lifo", "--simulate", "--output", str(out)], capture_output=True)
+    assert bad.returncode != 0
