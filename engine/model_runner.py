@@ -1,30 +1,42 @@
-"""Runs the model: static-shape jitted prefill and decode steps over bucketed shapes.
+"""Runs the model: static-shape step programs over bucketed shapes, batch state on device.
 
-Decode step  (B rows, C context):  tokens/positions/slots/seq_lens i32[B],
-    block_tables i32[B, C/S] -> logits f32[B, V].
-Prefill step (T tokens, C context): one request's chunk, tokens/positions/slots
-    i32[T], block_table i32[1, C/S], last i32[] (row whose logits are sampled).
-Sampling step (B rows): logits, sampling rows [B], max_tokens i32[B] -> next token,
-    logprobs and the compacted indices + count of rows that finished (stop id or
-    max_tokens). A separate program, so it is compiled once per batch size rather
-    than once per (batch, context) bucket: the logits stay on device between them.
-The KV cache buffers are donated every call and rebound, so XLA updates them in
-place. ``warmup()`` compiles every shape in ``EngineConfig.buckets()``.
+Programs (engine/programs.py; every shape is in ``EngineConfig.buckets()``):
+
+* ``prefill[T, C]``: one request's chunk. tokens/positions/slots i32[T], block_table
+  i32[1, C/S] -> logits f32[1, V] of the chunk's last token; K/V written in place.
+* ``sample[1]``: samples the first token of a request from those logits with its
+  slot's parameters, and writes it into the slot (``SlotState.tokens``), so the next
+  decode reads it on device.
+* ``decode[B, C]``: up to ``decode_steps`` decode iterations of B slots in one
+  ``lax.while_loop`` (forward, K/V write, sampling, penalty statistics), each
+  iteration feeding the sampled tokens to the next on device. A row stops at a
+  stop id or its max_tokens; the loop exits when every row stopped or after
+  ``n_steps`` (dynamic, <= K). Rows that stopped are compacted on device
+  (``kernels.compaction.nonzero``): the host reads a count and a few indices.
+* ``apply_rows[n]`` / ``set_penalties``: the host's slot updates (engine/slots.py).
+
+KV caches and the slot state are donated to every program that changes them, so
+XLA updates them in place. Outputs are copied to the host asynchronously as soon
+as a program is dispatched (``copy_to_host_async``); the host reads them when it
+needs the tokens.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ferry.engine.compile_guard import CompileGuard
 from ferry.engine.config import Buckets, EngineConfig
 from ferry.engine.kv_cache import KVCache
-from ferry.engine.sharding import to_host
-from ferry.engine.sampling import SamplingBatch, host_rows, sample
+from ferry.engine.programs import Program
+from ferry.engine.sampling import Penalties, SamplingBatch, sample
+from ferry.engine.slots import RowUpdate, SlotState, apply_rows, empty_state, set_penalties
 from ferry.kernels.compaction import nonzero
 from ferry.models.config import ModelConfig
 from ferry.models.llama import AttnMeta, Llama, logits
@@ -32,58 +44,122 @@ from ferry.models.llama import AttnMeta, Llama, logits
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class StepInputs:
-    tokens: jax.Array         # i32[N]
-    positions: jax.Array      # i32[N]   -1 = padding
-    slots: jax.Array          # i32[N]   -1 = padding
-    block_tables: jax.Array   # i32[B, P]
-    seq_lens: jax.Array       # i32[B]   decode: tokens attended (0 = padding row)
-    max_tokens: jax.Array     # i32[B]
-    last: jax.Array           # i32[B]   row of the hidden states to sample (prefill)
+class PrefillInputs:
+    tokens: jax.Array         # i32[T]
+    positions: jax.Array      # i32[T]   -1 = padding
+    slots: jax.Array          # i32[T]   KV slot (page * S + offset), -1 = padding
+    block_tables: jax.Array   # i32[1, C/S]
+    last: jax.Array           # i32[1]   index of the chunk's last real token
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class StepOutputs:
-    tokens: jax.Array         # i32[B]
-    logprob: jax.Array        # f32[B]
-    top_ids: jax.Array        # i32[B, 20]
-    top_logprobs: jax.Array   # f32[B, 20]
-    finished_idx: jax.Array   # i32[B]   compacted rows that finished, -1 padded
+    """What the host reads after a dispatch. K = decode iterations (1 for ``sample``)."""
+
+    tokens: jax.Array         # i32[K, B]  -1 where the row produced no token
+    logprob: jax.Array        # f32[K, B]
+    top_ids: jax.Array        # i32[K, B, 20]
+    top_logprobs: jax.Array   # f32[K, B, 20]
+    num_tokens: jax.Array     # i32[B]     tokens each row produced
+    finished_idx: jax.Array   # i32[B]     rows that stopped on device (stop id / max_tokens), -1 padded
     num_finished: jax.Array   # i32[]
 
 
-def _forward(cfg: ModelConfig, model: Llama, params, k, v, x: StepInputs):
-    """The model program: logits f32[B, V] at the rows' last tokens, and the updated caches."""
-    meta = AttnMeta(x.slots, x.block_tables, x.seq_lens)
+def _slot_batch(state: SlotState, rows) -> SamplingBatch:
+    return jax.tree.map(lambda a: a[rows], state.sampling)
+
+
+def _record(state: SlotState, rows, live, tok, positions):
+    """Write sampled tokens of ``live`` rows back into their slots and the penalty statistics."""
+    S = state.tokens.shape[0]
+    idx = jnp.where(live, rows, S)                             # dead rows -> dropped
+    sb = state.sampling
+    sb = dataclasses.replace(sb, step=sb.step.at[idx].add(1, mode="drop"))
+    pen = Penalties(state.penalties.counts.at[idx, tok].add(1.0, mode="drop"),
+                    state.penalties.seen.at[idx, tok].set(True, mode="drop"))
+    return SlotState(state.tokens.at[idx].set(tok, mode="drop"), state.positions.at[idx].set(positions, mode="drop"),
+                     state.block_tables, sb, pen)
+
+
+def _prefill(cfg: ModelConfig, model: Llama, params, k, v, x: PrefillInputs):
+    meta = AttnMeta(x.slots, x.block_tables, jnp.zeros((1,), jnp.int32))
     h, k, v = model.apply({"params": params}, x.tokens, x.positions, k, v, meta)
     return logits(cfg, params, h[x.last]), k, v
 
 
-def _sample_step(lg, sb: SamplingBatch, max_tokens, *, compaction_impl: str = "auto",
-                 sampling_select: str = "auto") -> StepOutputs:
-    """The sampling program (one per batch size, shared by every context bucket and by prefill)."""
-    tok, lp, top_ids, top_lp, hit_stop = sample(lg, sb, select=sampling_select, compaction_impl=compaction_impl)
-    done = (max_tokens > 0) & (hit_stop | (sb.step + 1 >= max_tokens))
-    idx, n = nonzero(done, size=done.shape[0], impl=compaction_impl)
-    return StepOutputs(tok, lp, top_ids, top_lp, idx, n)
+def _sample_first(state: SlotState, lg, slot, position, *, select: str, compaction_impl: str):
+    """lg f32[1, V]; slot, position i32[1]: sample the request's next token into its slot."""
+    sb = _slot_batch(state, slot)
+    pen = lambda: Penalties(state.penalties.counts[slot], state.penalties.seen[slot])   # noqa: E731
+    tok, lp, top_ids, top_lp, hit = sample(lg, sb, pen, select=select, compaction_impl=compaction_impl)
+    live = jnp.ones_like(slot, bool)
+    state = _record(state, slot, live, tok, position)
+    done = hit | (sb.step + 1 >= sb.max_tokens)
+    idx, n = nonzero(done, size=1, impl=compaction_impl)
+    return state, StepOutputs(tok[None], lp[None], top_ids[None], top_lp[None], jnp.ones((1,), jnp.int32), idx, n)
+
+
+def _decode(cfg: ModelConfig, model: Llama, K: int, page_size: int, ctx_pages: int, params, k, v,
+            state: SlotState, rows, n_steps, *, select: str, compaction_impl: str):
+    """Up to ``n_steps`` (<= K) decode iterations of the slots ``rows`` (i32[B], -1 = padding),
+    attending over the first ``ctx_pages`` pages of each row's block table (the context bucket)."""
+    B = rows.shape[0]
+    safe = jnp.where(rows < 0, 0, rows)
+    P = ctx_pages
+    tables = state.block_tables[safe, :P]                      # i32[B, P]
+    C = P * page_size
+    sb0 = _slot_batch(state, safe)
+    live0 = (rows >= 0) & (sb0.max_tokens > 0) & (sb0.step < sb0.max_tokens)
+
+    N = 20
+    outs0 = StepOutputs(jnp.full((K, B), -1, jnp.int32), jnp.zeros((K, B), jnp.float32),
+                        jnp.zeros((K, B, N), jnp.int32), jnp.zeros((K, B, N), jnp.float32),
+                        jnp.zeros((B,), jnp.int32), jnp.zeros((B,), jnp.int32), jnp.zeros((), jnp.int32))
+
+    def cond(c):
+        i, _, _, _, live, _ = c
+        return (i < n_steps) & jnp.any(live)
+
+    def body(c):
+        i, k, v, st, live, o = c
+        tok_in = st.tokens[safe]
+        pos = st.positions[safe]
+        ok = live & (pos < C)
+        slot_map = jnp.where(ok, tables[jnp.arange(B), jnp.minimum(pos // page_size, P - 1)] * page_size
+                             + pos % page_size, -1)
+        meta = AttnMeta(slot_map, tables, jnp.where(ok, pos + 1, 0))
+        h, k, v = model.apply({"params": params}, tok_in, jnp.where(ok, pos, 0), k, v, meta)
+        lg = logits(cfg, params, h)
+        sb = _slot_batch(st, safe)
+        pen = lambda: Penalties(st.penalties.counts[safe], st.penalties.seen[safe])   # noqa: E731
+        tok, lp, top_ids, top_lp, hit = sample(lg, sb, pen, select=select, compaction_impl=compaction_impl)
+        st = _record(st, rows, ok, tok, pos + 1)
+        done = ok & (hit | (sb.step + 1 >= sb.max_tokens))
+        o = StepOutputs(o.tokens.at[i].set(jnp.where(ok, tok, -1)), o.logprob.at[i].set(lp),
+                        o.top_ids.at[i].set(top_ids), o.top_logprobs.at[i].set(top_lp),
+                        o.num_tokens + ok.astype(jnp.int32), o.finished_idx, o.num_finished)
+        return i + 1, k, v, st, ok & ~done, o
+
+    _, k, v, state, live, o = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), k, v, state, live0, outs0))
+    stopped = (rows >= 0) & (o.num_tokens > 0) & ~live
+    idx, n = nonzero(stopped, size=B, impl=compaction_impl)
+    return k, v, state, dataclasses.replace(o, finished_idx=idx, num_finished=n)
 
 
 @dataclasses.dataclass(frozen=True)
-class Row:
-    """One sequence's work in a step (host side)."""
+class PrefillRow:
+    """One request's prefill chunk (host side)."""
 
-    tokens: list[int]          # tokens to compute (1 for decode)
+    tokens: list[int]          # tokens to compute
     start: int                 # position of tokens[0]
     block_table: list[int]     # device pages of the request
-    max_tokens: int            # the request's max_tokens (0 = do not count as finished)
-    sampling: tuple            # (params, seed, step, all tokens, num_prompt, stop ids)
 
 
 class ModelRunner:
-    """Owns the jitted steps. With a tensor-parallel ``mesh``, ``params`` are already
-    sharded (engine/sharding.py) and the steps take explicit in/out shardings:
-    params as placed, KV pages split by KV head, everything else replicated."""
+    """Owns the step programs and the device slot state. With a tensor-parallel ``mesh``,
+    ``params`` are already sharded (engine/sharding.py) and the programs take explicit
+    in/out shardings: params as placed, KV pages split by KV head, the rest replicated."""
 
     def __init__(self, model_cfg: ModelConfig, params, ecfg: EngineConfig, kv: KVCache, dtype,
                  guard: CompileGuard, mesh=None) -> None:
@@ -91,90 +167,168 @@ class ModelRunner:
         self.buckets: Buckets = ecfg.buckets()
         self.page_size = ecfg.page_size
         self.mesh = mesh
+        self.K = ecfg.decode_steps
         mk = lambda mode: Llama(model_cfg, mode=mode, dtype=dtype, attn_impl=ecfg.attn_impl, mesh=mesh)  # noqa: E731
-        jit_kw: dict = {"donate_argnums": (1, 2)}
-        sample_kw: dict = {}
+        comp = "pallas" if ecfg.attn_impl == "pallas" else "auto"       # "pallas": every kernel in Pallas
+        samp = dict(select=ecfg.sampling_select, compaction_impl=comp)
         self._replicated = None
+        pre_kw: dict = {"donate_argnums": (1, 2)}
+        dec_kw: dict = {"donate_argnums": (1, 2, 3)}
+        smp_kw: dict = {"donate_argnums": (0,)}
+        upd_kw: dict = {"donate_argnums": (0,)}
+        pen_kw: dict = {"donate_argnums": (0,)}
+        self.state = empty_state(ecfg.max_batch, ecfg.max_pages_per_seq, model_cfg.vocab_size)
         if mesh is not None:
             from jax.sharding import NamedSharding, PartitionSpec as P
             rep = self._replicated = NamedSharding(mesh, P())
             p_sh = jax.tree.map(lambda a: a.sharding, params)
-            jit_kw.update(in_shardings=(p_sh, kv.sharding, kv.sharding, rep),
-                          out_shardings=(rep, kv.sharding, kv.sharding))
-            sample_kw.update(in_shardings=(rep, rep, rep), out_shardings=rep)
-        comp = "pallas" if ecfg.attn_impl == "pallas" else "auto"       # "pallas": every kernel in Pallas
-        self._decode = jax.jit(functools.partial(_forward, model_cfg, mk("decode")), **jit_kw)
-        self._prefill = jax.jit(functools.partial(_forward, model_cfg, mk("prefill")), **jit_kw)
-        self._sample = jax.jit(functools.partial(_sample_step, compaction_impl=comp,
-                                                 sampling_select=ecfg.sampling_select), **sample_kw)
-        self.history_len = ecfg.max_model_len       # penalty history: one sampling program per batch size
+            kvs = kv.sharding
+            st = jax.tree.map(lambda _: rep, self.state)
+            self.state = jax.device_put(self.state, rep)
+            pre_kw.update(in_shardings=(p_sh, kvs, kvs, rep), out_shardings=(rep, kvs, kvs))
+            dec_kw.update(in_shardings=(p_sh, kvs, kvs, st, rep, rep), out_shardings=(kvs, kvs, st, rep))
+            smp_kw.update(in_shardings=(st, rep, rep, rep), out_shardings=(st, rep))
+            upd_kw.update(in_shardings=(st, rep), out_shardings=st)
+            pen_kw.update(in_shardings=(st, rep, rep, rep), out_shardings=st)
+        self.programs = {
+            "prefill": Program("prefill", jax.jit(functools.partial(_prefill, model_cfg, mk("prefill")), **pre_kw)),
+            "decode": Program("decode", lambda key: jax.jit(functools.partial(
+                _decode, model_cfg, mk("decode"), self.K, self.page_size, key[1] // self.page_size, **samp),
+                **dec_kw), per_key=True),
+            "sample": Program("sample", jax.jit(functools.partial(_sample_first, **samp), **smp_kw)),
+            "apply_rows": Program("apply_rows", jax.jit(apply_rows, **upd_kw)),
+            "set_penalties": Program("set_penalties", jax.jit(set_penalties, **pen_kw)),
+        }
 
-    # ------------------------------------------------------------------ host -> arrays
-    def _inputs(self, rows: list[Row], B: int, N: int, C: int, prefill: bool):
-        S, P = self.page_size, C // self.page_size
-        tokens = np.zeros(N, np.int32)
-        positions = np.full(N, -1, np.int32)
-        slots = np.full(N, -1, np.int32)
-        tables = np.zeros((B, P), np.int32)
-        seq_lens = np.zeros(B, np.int32)
-        max_tokens = np.zeros(B, np.int32)
-        last = np.zeros(B, np.int32)
-        i = 0
-        for r, row in enumerate(rows):
+    # ------------------------------------------------------------------ host -> device
+    def _put(self, tree):
+        if self._replicated is not None and jax.process_count() > 1:
+            from ferry.engine.sharding import put_global          # numpy is not a global array across hosts
+            return jax.tree.map(lambda a: put_global(a, self._replicated), tree)
+        return tree
+
+    def apply_updates(self, update: RowUpdate | None, penalties: list) -> None:
+        """Write the host's dirty slot rows and penalty uploads (engine/slots.py)."""
+        with self.guard.watch("slot update"):
+            if update is not None:
+                n = update.idx.shape[0]
+                self.state = self.programs["apply_rows"](n, self.state, self._put(update))
+            for slot, counts, seen in penalties:
+                self.state = self.programs["set_penalties"](1, self.state, *self._put(
+                    (np.int32(slot), counts, seen)))
+
+    def _prefill_inputs(self, row: PrefillRow | None, T: int, C: int) -> PrefillInputs:
+        S = self.page_size
+        tokens = np.zeros(T, np.int32)
+        positions = np.full(T, -1, np.int32)
+        slots = np.full(T, -1, np.int32)
+        table = np.zeros((1, C // S), np.int32)
+        last = np.zeros(1, np.int32)
+        if row is not None:
             n = len(row.tokens)
             pos = np.arange(row.start, row.start + n, dtype=np.int32)
-            bt = np.asarray(row.block_table[:P], np.int32)
-            tokens[i:i + n] = row.tokens
-            positions[i:i + n] = pos
-            slots[i:i + n] = bt[pos // S] * S + pos % S
-            tables[r, :len(bt)] = bt
-            seq_lens[r] = row.start + n
-            max_tokens[r] = row.max_tokens
-            last[r] = i + n - 1
-            i += n
-        x = StepInputs(tokens, positions, slots, tables, seq_lens, max_tokens, last)
-        sb = SamplingBatch(**host_rows([row.sampling for row in rows], B, self.history_len))
-        if self._replicated is not None and jax.process_count() > 1:
-            from ferry.engine.sharding import put_global           # numpy is not a global array across hosts
-            x, sb = jax.tree.map(lambda a: put_global(a, self._replicated), (x, sb))
-        return x, sb
+            bt = np.asarray(row.block_table[:C // S], np.int32)
+            tokens[:n] = row.tokens
+            positions[:n] = pos
+            slots[:n] = bt[pos // S] * S + pos % S
+            table[0, :len(bt)] = bt
+            last[0] = n - 1
+        return self._put(PrefillInputs(tokens, positions, slots, table, last))
 
-    def _run(self, fn, x, sb, where: str):
-        with self.guard.watch(where):
-            lg, self.kv.k, self.kv.v = fn(self.params, self.kv.k, self.kv.v, x)
-            return to_host(self._sample(lg, sb, x.max_tokens))
-
-    def decode(self, rows: list[Row]) -> StepOutputs:
-        """One token for each row (rows: at most max_batch)."""
-        B = Buckets.pick(self.buckets.decode_batch, len(rows))
-        C = Buckets.pick(self.buckets.decode_context, max(r.start + 1 for r in rows))
-        x, sb = self._inputs(rows, B, B, C, prefill=False)
-        return self._run(self._decode, x, sb, f"decode B={B} C={C}")
-
-    def prefill(self, row: Row) -> StepOutputs:
-        """One chunk of one request; the output row 0 is the sample at its last token."""
+    # ------------------------------------------------------------------ steps
+    def prefill(self, row: PrefillRow, slot: int | None) -> StepOutputs | None:
+        """One chunk of one request. With ``slot`` (the chunk ends the request's known tokens),
+        its next token is sampled into that slot and the (device) outputs returned."""
         T = Buckets.pick(self.buckets.prefill_tokens, len(row.tokens))
         C = Buckets.pick(self.buckets.context, row.start + len(row.tokens))
-        x, sb = self._inputs([row], 1, T, C, prefill=True)
-        return self._run(self._prefill, x, sb, f"prefill T={T} C={C}")
+        x = self._prefill_inputs(row, T, C)
+        with self.guard.watch(f"prefill T={T} C={C}"):
+            lg, self.kv.k, self.kv.v = self.programs["prefill"]((T, C), self.params, self.kv.k, self.kv.v, x)
+            if slot is None:
+                return None
+            pos = np.asarray([row.start + len(row.tokens)], np.int32)
+            self.state, out = self.programs["sample"](1, self.state, lg, *self._put(
+                (np.asarray([slot], np.int32), pos)))
+        _copy_async(out)
+        return out
+
+    def decode(self, slots: list[int], max_position: int, n_steps: int) -> StepOutputs:
+        """Up to ``n_steps`` tokens for each slot (at most max_batch); ``max_position`` is the
+        largest position of a row's next input token."""
+        B = Buckets.pick(self.buckets.decode_batch, len(slots))
+        C = Buckets.pick(self.buckets.decode_context, max_position + n_steps)
+        rows = np.full(B, -1, np.int32)
+        rows[:len(slots)] = slots
+        with self.guard.watch(f"decode B={B} C={C}"):
+            self.kv.k, self.kv.v, self.state, out = self.programs["decode"](
+                (B, C), self.params, self.kv.k, self.kv.v, self.state, *self._put((rows, np.int32(n_steps))))
+        _copy_async(out)
+        return out
 
     # ------------------------------------------------------------------ warm-up
-    def warmup(self, progress: bool = True) -> float:
-        """Compile every bucket shape (decode, prefill, swaps); returns seconds."""
+    def shapes(self) -> list[tuple[str, tuple]]:
+        """Every (program, bucket) the engine can dispatch."""
+        b = self.buckets
+        out = [("decode", (B, C)) for B, C in b.decode_shapes()]
+        out += [("prefill", (T, C)) for T, C in b.prefill_shapes()]
+        out += [("sample", 1), ("set_penalties", 1)] + [("apply_rows", n) for n in b.decode_batch]
+        return out
+
+    def example_args(self, name: str, key):
+        """Arguments of the right shapes for ``name`` at ``key`` (no effect on the engine's state)."""
+        if name == "prefill":
+            T, C = key
+            return (self.params, self.kv.k, self.kv.v, self._prefill_inputs(None, T, C))
+        if name == "decode":
+            B, C = key
+            return (self.params, self.kv.k, self.kv.v, self.state, *self._put((np.full(B, -1, np.int32),
+                                                                               np.int32(1))))
+        if name == "sample":
+            lg = jnp.zeros((1, self.cfg.vocab_size), jnp.float32)
+            return (self.state, lg, *self._put((np.zeros(1, np.int32), np.zeros(1, np.int32))))
+        if name == "set_penalties":
+            V = self.cfg.vocab_size
+            return (self.state, *self._put((np.int32(0), np.zeros(V, np.float32), np.zeros(V, bool))))
+        if name == "apply_rows":
+            from ferry.engine.sampling import host_rows
+            P = self.ecfg.max_pages_per_seq
+            u = RowUpdate(np.full(key, -1, np.int32), np.zeros(key, np.int32), np.zeros(key, np.int32),
+                          np.zeros((key, P), np.int32), SamplingBatch(**host_rows([], key)), np.zeros(key, bool))
+            return (self.state, self._put(u))
+        raise KeyError(name)
+
+    def warmup(self, progress: bool = True, shapes=None, workers: int | None = None) -> float:
+        """Compile (or load from the executable cache) every program shape; returns seconds.
+
+        Programs compile on ``workers`` threads (default: one per CPU core): XLA compiles
+        outside the GIL, so on the 2-core CPU two threads take about half the wall time."""
+        from concurrent.futures import ThreadPoolExecutor, as_completed
         t0 = time.perf_counter()
-        shapes = [("decode", b, c) for b, c in self.buckets.decode_shapes()]
-        shapes += [("prefill", t, c) for t, c in self.buckets.prefill_shapes()]
-        it = shapes
+        shapes = self.shapes() if shapes is None else shapes
+        bar = None
         if progress:
             from tqdm import tqdm
-            it = tqdm(shapes, desc="ferry: compiling step programs", unit="prog", leave=False)
-        for mode, n, c in it:
-            B = n if mode == "decode" else 1
-            x, sb = self._inputs([], B, n, c, prefill=mode == "prefill")
-            fn = self._decode if mode == "decode" else self._prefill
-            lg, self.kv.k, self.kv.v = fn(self.params, self.kv.k, self.kv.v, x)
-            self._sample(lg, sb, x.max_tokens)
-        jax.block_until_ready(self.kv.k)
+            bar = tqdm(total=len(shapes), desc="ferry: compiling step programs", unit="prog", leave=False)
+        workers = workers or min(4, os.cpu_count() or 1)
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            futs = [pool.submit(self.programs[name].get, key, self.example_args(name, key)) for name, key in shapes]
+            for f in as_completed(futs):
+                f.result()
+                if bar is not None:
+                    bar.update(1)
+        if bar is not None:
+            bar.close()
         self.kv.warmup()
-        self.guard.arm()
         return time.perf_counter() - t0
+
+    def program_stats(self) -> dict:
+        return {n: {"compiled": p.compiled, "seconds": round(p.compile_seconds, 3)}
+                for n, p in self.programs.items()}
+
+
+def _copy_async(tree) -> None:
+    for a in jax.tree.leaves(tree):
+        try:
+            a.copy_to_host_async()
+        except (AttributeError, RuntimeError):
+            pass

@@ -5,7 +5,7 @@ import dataclasses
 import time
 
 from ferry.engine.outputs import RequestOutput, RequestTimings, TokenLogprob
-from ferry.engine.sampling_params import SamplingParams
+from ferry.engine.sampling_params import MAX_STOP_IDS, SamplingParams
 
 
 @dataclasses.dataclass
@@ -27,6 +27,7 @@ class Request:
     finish_reason: str | None = None
     _sent_text: int = 0                    # chars already returned as deltas
     _sent_ids: int = 0
+    _stop_hold: int = dataclasses.field(default=0, init=False, repr=False)  # max(len(stop)) - 1
 
     @property
     def tokens(self) -> list[int]:
@@ -36,8 +37,18 @@ class Request:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    def __post_init__(self) -> None:
+        if len(self.stop_ids) > MAX_STOP_IDS:
+            raise ValueError(f"{len(self.stop_ids)} stop ids exceed the device limit MAX_STOP_IDS={MAX_STOP_IDS}")
+        self._stop_hold = max((len(s) for s in self.params.stop), default=1) - 1
+
     def append(self, token: int, logprob: TokenLogprob | None, device_done: bool) -> None:
-        """Add one sampled token, then decide whether the request is finished."""
+        """Add one sampled token, then decide whether the request is finished.
+
+        Finishes with "stop" on any of ``stop_ids`` (all of them are checked
+        here, not only on device) or on a stop string in the text; with
+        "length" at max_tokens or when the device says the row is done.
+        """
         now = time.time()
         if self.first_token_time is None:
             self.first_token_time = now
@@ -47,26 +58,42 @@ class Request:
         if token in self.stop_ids:
             self.finish("stop", now)
             return
-        self.text += self.detok.add(token)
-        if self.params.stop:
-            self._check_stop_strings()
-            if self.finished:
-                return
+        self._add_text(self.detok.add(token), now)
+        if self.finished:
+            return
         if device_done or len(self.out_ids) >= self.params.max_tokens:
             self.finish("length", now)
 
-    def _check_stop_strings(self) -> None:
-        hits = [i for i in (self.text.find(s) for s in self.params.stop) if i >= 0]
-        if hits:
-            self.text = self.text[:min(hits)]
-            self.finish("stop")
+    def _add_text(self, new: str, now: float | None = None) -> None:
+        """Append decoded text; on a stop string, cut the text there and finish with "stop".
+
+        Only the new text plus the ``max(len(stop)) - 1`` characters before it
+        are scanned (earlier text was already checked), so the work per call is
+        linear in the new text, not in the whole output.
+        """
+        if not new:
+            return
+        start = len(self.text)
+        self.text += new
+        if not self.params.stop:
+            return
+        cut = find_stop_string(self.text, self.params.stop, max(0, start - self._stop_hold))
+        if cut is not None:
+            self.text = self.text[:cut]
+            if self.finish_reason in (None, "length"):   # a "length" finish whose final flush hits one
+                self.finish_reason = "stop"
+            self.finish_time = self.finish_time or now or time.time()
 
     def finish(self, reason: str, now: float | None = None) -> None:
+        """End the request (first reason wins) and emit the detokenizer's held-back text.
+
+        That final text is checked against the stop strings like any other: a
+        hit cuts it there and the finish reason becomes "stop".
+        """
         if self.finish_reason is None:
             self.finish_reason = reason
             self.finish_time = now or time.time()
-            if reason != "stop" or not self.params.stop:
-                self.text += self.detok.flush()
+            self._add_text(self.detok.flush(), self.finish_time)
 
     def output(self) -> RequestOutput:
         """Snapshot with the deltas since the previous snapshot.
@@ -74,9 +101,7 @@ class Request:
         While running, text that could still become a stop string is held back,
         so the streamed deltas always concatenate to the final text.
         """
-        hold = 0
-        if self.params.stop and not self.finished:
-            hold = max(len(s) for s in self.params.stop) - 1
+        hold = self._stop_hold if not self.finished else 0
         visible = len(self.text) - hold
         delta_text = self.text[self._sent_text:visible] if visible > self._sent_text else ""
         self._sent_text = max(self._sent_text, visible)
@@ -91,3 +116,9 @@ class Request:
             timings=RequestTimings(self.arrival, self.first_token_time, self.finish_time),
             logprobs=tuple(self.logprobs) if self.params.logprobs is not None else None,
             delta_logprobs=delta_lp)
+
+
+def find_stop_string(text: str, stops, start: int = 0) -> int | None:
+    """Index of the earliest stop string in ``text`` that starts at or after ``start``, or None."""
+    hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
+    return min(hits) if hits else None

@@ -4,7 +4,9 @@
 penalties, then greedy (temperature 0) or temperature / top-k / top-p / min-p
 sampling with one uniform per row from the key ``fold_in(PRNGKey(seed), step)``
 (step = number of tokens the request generated before this one), so a seeded request gives the
-same tokens whatever it is batched with, and after preemption or swaps.
+same tokens whatever it is batched with, and after preemption or swaps. Penalty statistics
+(``Penalties``) live on device per batch slot (engine/slots.py) and are updated in place as
+tokens are sampled; the host never uploads a token history.
 It also returns the sampled token's logprob and the top-n alternatives
 (of the model's raw distribution), and whether the row hit a stop id.
 """
@@ -24,6 +26,8 @@ from ferry.engine.truncation import draw_plain, draw_truncated, truncates
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class SamplingBatch:
+    """Per-row sampling parameters of one program call (device arrays, or numpy before upload)."""
+
     temperature: jax.Array     # f32[B]   0 = greedy
     top_k: jax.Array           # i32[B]   <= 0: off
     top_p: jax.Array           # f32[B]
@@ -33,59 +37,84 @@ class SamplingBatch:
     presence: jax.Array        # f32[B]
     frequency: jax.Array       # f32[B]
     repetition: jax.Array      # f32[B]
-    history: jax.Array         # i32[B, H] prompt + output tokens, -1 padded
-    num_prompt: jax.Array      # i32[B]   history[:, :num_prompt] is the prompt
     stop_ids: jax.Array        # i32[B, MAX_STOP_IDS] -1 padded (EOS included unless ignore_eos)
     num_logprobs: jax.Array    # i32[B]   top-n alternatives wanted (0: none)
+    max_tokens: jax.Array      # i32[B]   the request's max_tokens (0 = padding row, never finishes)
 
 
-def host_rows(rows: list[tuple[SamplingParams, int, int, list[int], int, tuple[int, ...]]],
-              B: int, H: int) -> dict[str, np.ndarray]:
-    """Build numpy arrays for ``SamplingBatch`` (padding rows are greedy no-ops).
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Penalties:
+    """Token statistics for presence / frequency / repetition penalties, kept on device per row.
 
-    rows: (params, seed, step, tokens (prompt + output), num_prompt, stop ids).
+    counts: f32[B, V] times each token was generated (output tokens only);
+    seen:   bool[B, V] token appeared in the prompt or the output (repetition penalty).
     """
+
+    counts: jax.Array
+    seen: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingRow:
+    """One request's sampling inputs on the host (the row of a ``SamplingBatch``)."""
+
+    params: SamplingParams
+    seed: int
+    step: int                          # tokens generated so far
+    stop_ids: tuple[int, ...] = ()
+
+
+def host_rows(rows: list[SamplingRow], B: int) -> dict[str, np.ndarray]:
+    """numpy arrays for ``SamplingBatch`` (padding rows are greedy no-ops that never finish)."""
     a = {
         "temperature": np.zeros(B, np.float32), "top_k": np.zeros(B, np.int32),
         "top_p": np.ones(B, np.float32), "min_p": np.zeros(B, np.float32),
         "seed": np.zeros(B, np.uint32), "step": np.zeros(B, np.int32),
         "presence": np.zeros(B, np.float32), "frequency": np.zeros(B, np.float32),
-        "repetition": np.ones(B, np.float32), "history": np.full((B, H), -1, np.int32),
-        "num_prompt": np.zeros(B, np.int32), "stop_ids": np.full((B, MAX_STOP_IDS), -1, np.int32),
-        "num_logprobs": np.zeros(B, np.int32),
+        "repetition": np.ones(B, np.float32), "stop_ids": np.full((B, MAX_STOP_IDS), -1, np.int32),
+        "num_logprobs": np.zeros(B, np.int32), "max_tokens": np.zeros(B, np.int32),
     }
-    for i, (p, seed, step, toks, n_prompt, stops) in enumerate(rows):
+    for i, r in enumerate(rows):
+        p = r.params
         a["temperature"][i] = p.temperature
         a["top_k"][i] = p.top_k
         a["top_p"][i] = p.top_p
         a["min_p"][i] = p.min_p
-        a["seed"][i] = seed & 0xFFFFFFFF
-        a["step"][i] = step
+        a["seed"][i] = r.seed & 0xFFFFFFFF
+        a["step"][i] = r.step
         a["presence"][i] = p.presence_penalty
         a["frequency"][i] = p.frequency_penalty
         a["repetition"][i] = p.repetition_penalty
-        if p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0:
-            n = min(len(toks), H)
-            a["history"][i, :n] = toks[-n:] if n else []
-            a["num_prompt"][i] = max(0, n_prompt - (len(toks) - n))
+        stops = r.stop_ids[:MAX_STOP_IDS]
         a["stop_ids"][i, :len(stops)] = stops
         a["num_logprobs"][i] = p.logprobs or 0
+        a["max_tokens"][i] = p.max_tokens
     return a
 
 
-def _apply_penalties(logits, sb: SamplingBatch):
-    B, V = logits.shape
-    H = sb.history.shape[1]
-    valid = sb.history >= 0
-    is_out = valid & (jnp.arange(H)[None, :] >= sb.num_prompt[:, None])
-    rows = jnp.broadcast_to(jnp.arange(B)[:, None], (B, H))
-    tok = jnp.where(valid, sb.history, V)                       # V = dropped
-    out_counts = jnp.zeros((B, V), jnp.float32).at[rows, tok].add(is_out.astype(jnp.float32), mode="drop")
-    seen = jnp.zeros((B, V), bool).at[rows, tok].set(True, mode="drop")
+def has_penalty(p: SamplingParams) -> bool:
+    return bool(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0)
+
+
+def host_penalties(tokens: list[int], num_prompt: int, V: int) -> tuple[np.ndarray, np.ndarray]:
+    """(counts f32[V], seen bool[V]) of one request from its prompt + output tokens."""
+    counts = np.zeros(V, np.float32)
+    seen = np.zeros(V, bool)
+    np.add.at(counts, np.asarray(tokens[num_prompt:], np.int64), 1.0)
+    seen[np.asarray(tokens, np.int64)] = True
+    return counts, seen
+
+
+def any_penalty(sb: SamplingBatch):
+    return jnp.any((sb.presence != 0) | (sb.frequency != 0) | (sb.repetition != 1))
+
+
+def apply_penalties(logits, sb: SamplingBatch, pen: Penalties):
     rep = sb.repetition[:, None]
-    logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
-    logits = logits - sb.frequency[:, None] * out_counts
-    return logits - sb.presence[:, None] * (out_counts > 0)
+    logits = jnp.where(pen.seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
+    logits = logits - sb.frequency[:, None] * pen.counts
+    return logits - sb.presence[:, None] * (pen.counts > 0)
 
 
 def _uniforms(sb: SamplingBatch):
@@ -112,11 +141,14 @@ def _top_logprobs(raw_lp):
     return top_lp, top_ids.astype(jnp.int32)
 
 
-def sample(logits, sb: SamplingBatch, *, candidates: tuple[int, ...] = (1024, 8192), select: str = "auto",
-           compaction_impl: str = "auto"):
+def sample(logits, sb: SamplingBatch, penalties=None, *, candidates: tuple[int, ...] = (1024, 8192),
+           select: str = "auto", compaction_impl: str = "auto"):
     """logits f32[B, V] -> (tokens i32[B], logprob f32[B], top_ids i32[B, N],
     top_logprobs f32[B, N], hit_stop bool[B]).
 
+    ``penalties``: None, a ``Penalties``, or a zero-argument function returning one
+    (called only inside the branch taken when some row has a penalty, so a gather
+    of per-slot statistics costs nothing in batches without penalties).
     The expensive parts are gated with ``lax.cond`` on per-row values, so an
     all-greedy batch without logprobs pays only for an argmax and a logsumexp:
     penalties (when any row has one), the random draw (when any row samples;
@@ -125,8 +157,11 @@ def sample(logits, sb: SamplingBatch, *, candidates: tuple[int, ...] = (1024, 81
     otherwise they are returned as zeros / -inf).
     """
     B = logits.shape[0]
-    any_pen = jnp.any((sb.presence != 0) | (sb.frequency != 0) | (sb.repetition != 1))
-    pen = jax.lax.cond(any_pen, _apply_penalties, lambda l, _: l, logits, sb)
+    if penalties is None:
+        pen = logits
+    else:
+        get = penalties if callable(penalties) else (lambda: penalties)
+        pen = jax.lax.cond(any_penalty(sb), lambda l: apply_penalties(l, sb, get()), lambda l: l, logits)
     greedy_tok = jnp.argmax(pen, axis=-1).astype(jnp.int32)
     draw = functools.partial(_draw, candidates=candidates, select=select, compaction_impl=compaction_impl)
     drawn = jax.lax.cond(jnp.any(sb.temperature > 0), draw, lambda l, _: greedy_tok, pen, sb)

@@ -126,18 +126,28 @@ class Tokenizer:
         return self._tok.id_to_token(i) if i is not None else None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text``; with ``add_special_tokens``, BOS first when the model adds one.
+
+        BOS is never doubled: text that already starts with the BOS token (a
+        chat template that renders ``bos_token`` itself) gets no second one.
+        """
         if not isinstance(text, str):
             raise ValueError(f"text must be a string, got {type(text).__name__}")
         ids = self._tok.encode(text, add_special_tokens=False).ids
-        if add_special_tokens and self.add_bos and self.bos_token_id is not None:
-            ids = [self.bos_token_id] + ids
+        bos = self.bos_token_id
+        if add_special_tokens and self.add_bos and bos is not None and ids[:1] != [bos]:
+            ids = [bos] + ids
         return ids
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages, add_generation_prompt: bool = True, tokenize: bool = False, **kwargs):
-        """Render the conversation with the model's template (text, or ids with ``tokenize=True``)."""
+        """Render the conversation with the model's template (text, or ids with ``tokenize=True``).
+
+        As in transformers, the ids are the rendered text encoded without
+        adding special tokens: BOS appears exactly when the template renders it.
+        """
         if not self.chat_template:
             raise ValueError("this model has no chat template; pass a plain prompt instead")
         text = render(self.chat_template, messages, add_generation_prompt=add_generation_prompt,

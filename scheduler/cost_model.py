@@ -5,7 +5,8 @@
 
 Fitted by least squares from a profiling run of the real engine
 (``scripts/profile_cost_model.py``; saved as JSON beside the model) or the
-CPU default below (SmolLM2-135M, f32, 2 cores). The MLFQ uses it to predict a
+CPU default below (SmolLM2-135M, f32, 2 cores). The simulator's "gpu" profile
+(``GPU`` in scripts/gen_trace.py) is assumed, not measured. The MLFQ uses it to predict a
 new job's prefill time (skip-join) and to charge service time, the simulator
 to advance its clock.
 """

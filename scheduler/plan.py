@@ -11,9 +11,15 @@ it in this order:
    at least ``num_computed + num_tokens`` token slots. If the item reaches the
    end of the request's known tokens (``sample`` is True) the engine samples one
    new token from the last position.
-   Items with ``num_tokens == 1`` are decode rows (batched into one decode
-   call); longer items are prefill chunks (one prefill call each).
+   Items with ``num_tokens == 1`` that sample are decode rows (batched into one
+   decode call); the others are prefill chunks (one prefill call each).
 4. ``Scheduler.on_step_done(plan, now, finished=...)``.
+
+``decode_steps`` > 1 (multi-step decode) only when every item is a decode row and
+no other job waits: the engine runs up to that many decode iterations in one
+dispatch, a row stopping early at a stop id or its max_tokens. Each decode
+row's pages already cover those iterations. ``on_step_done`` then takes the
+number of tokens each request actually generated.
 
 ``dropped`` lists requests whose device KV was discarded (recompute): the
 engine needs to do nothing for them; they come back later as prefill work
@@ -42,14 +48,17 @@ class Plan:
     swap_in: tuple[tuple[int, int], ...] = ()    # (host_page, device_page)
     preempted: tuple[str, ...] = ()              # running last iteration, left out now (info)
     dropped: tuple[str, ...] = ()                # device KV discarded; will re-prefill (info)
+    decode_steps: int = 1                        # decode iterations in this dispatch (see below)
 
     @property
     def decode_items(self) -> tuple[WorkItem, ...]:
-        return tuple(w for w in self.work if w.num_tokens == 1)
+        """One token in, one sampled: the decode rows."""
+        return tuple(w for w in self.work if w.num_tokens == 1 and w.sample)
 
     @property
     def prefill_items(self) -> tuple[WorkItem, ...]:
-        return tuple(w for w in self.work if w.num_tokens > 1)
+        """Everything else, a one-token chunk that samples nothing included (a token budget of 1)."""
+        return tuple(w for w in self.work if not (w.num_tokens == 1 and w.sample))
 
     @property
     def is_empty(self) -> bool:

@@ -31,5 +31,16 @@ class Policy:
         """``job`` was in the batch of an iteration that took ``seconds``."""
         job.last_run = now
 
+    def may_evict(self, victim: Job, for_job: Job) -> bool:
+        """May ``victim`` (idle, ranked below ``for_job``) lose its device KV so ``for_job`` can run?"""
+        return True
+
+    def may_offload(self, job: Job) -> bool:
+        """May idle ``job`` be offloaded ahead of need (proactive, under the free-page watermark)?"""
+        return True
+
+    def on_finish(self, job: Job) -> None:
+        """``job`` generated its last token (not called for aborts)."""
+
     def queue_stats(self, waiting: list[Job]) -> dict[str, int]:
         return {"waiting": len(waiting)}

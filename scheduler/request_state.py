@@ -37,9 +37,11 @@ class Job:
     pages: list[int] = dataclasses.field(default_factory=list)        # device pages, in order
     host_pages: list[int] = dataclasses.field(default_factory=list)   # host pages while SWAPPED
     queue: int = 0                 # MLFQ level (0 = highest priority)
-    used: float = 0.0              # service time in the current queue (seconds)
+    used: float = 0.0              # service the MLFQ quanta measure (seconds; see SkipJoinMLFQ.service)
     enqueued: float = 0.0          # when it entered its current queue (FCFS order inside a queue)
     last_run: float = 0.0          # last time it was in a batch (starvation guard)
+    attained: float = 0.0          # cost-model seconds of its own work done so far (MLFQ level; never drops)
+    served: float = 0.0            # seconds of iterations it was in the batch of (MLFQ tail guard)
 
     @property
     def known(self) -> int:

@@ -27,10 +27,9 @@ import dataclasses
 
 from ferry.scheduler.block_manager import PagePool, check_ownership
 from ferry.scheduler.cost_model import CostModel
-from ferry.scheduler.fcfs import FCFS
 from ferry.scheduler.kv_planner import KVPlanner
-from ferry.scheduler.mlfq import SkipJoinMLFQ
 from ferry.scheduler.plan import Plan, WorkItem
+from ferry.scheduler.policies import POLICIES, make_policy
 from ferry.scheduler.request_state import Job, State
 
 
@@ -42,17 +41,19 @@ class SchedulerConfig:
     page_size: int
     num_device_pages: int              # including the null page 0
     num_host_pages: int
-    policy: str = "mlfq"               # "mlfq" | "fcfs"
+    policy: str = "mlfq"               # "mlfq" | "fcfs" | "oracle" (simulator reference, scheduler/oracle.py)
     num_queues: int = 6
-    base_quantum: float = 0.25         # seconds of iteration time in Q0
+    base_quantum: float | None = None  # seconds of iteration time in Q0; None: derived (scheduler/mlfq.py)
     quantum_ratio: float = 2.0
-    starve_limit: float = 30.0         # seconds without running -> promoted to Q0
+    starve_limit: float | None = None  # hard cap, s without running -> promoted; None: derived (mlfq.py)
     offload_watermark: float = 0.10    # keep this fraction of device pages free (proactive offload)
     cost_model: CostModel | None = None
+    decode_steps: int = 1              # most decode iterations per dispatch (multi-step decode)
+    tail_slack: float = 2.0            # MLFQ tail guard: wait <= slack * (attained + Q0 quantum) (mlfq.py)
 
     def __post_init__(self) -> None:
-        if self.policy not in ("mlfq", "fcfs"):
-            raise ValueError(f"policy must be 'mlfq' or 'fcfs', got {self.policy!r}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
         if min(self.max_batch, self.max_tokens_per_step, self.max_prefill_chunk, self.page_size) < 1:
             raise ValueError("max_batch, max_tokens_per_step, max_prefill_chunk and page_size must be >= 1")
         if self.num_device_pages < 2:
@@ -63,8 +64,7 @@ class Scheduler:
     def __init__(self, cfg: SchedulerConfig) -> None:
         self.cfg = cfg
         self.cost = cfg.cost_model or CostModel()
-        self.policy = (SkipJoinMLFQ(self.cost, cfg.num_queues, cfg.base_quantum, cfg.quantum_ratio, cfg.starve_limit)
-                       if cfg.policy == "mlfq" else FCFS())
+        self.policy = make_policy(cfg, self.cost)
         self.device = PagePool(cfg.num_device_pages, first=1)
         self.host = PagePool(cfg.num_host_pages)
         self.jobs: dict[str, Job] = {}
@@ -96,6 +96,8 @@ class Scheduler:
         job = self.jobs.pop(rid, None)
         if job is None:
             return
+        if state == State.FINISHED:
+            self.policy.on_finish(job)
         self.device.free(job.pages)
         self.host.free(job.host_pages)
         job.pages, job.host_pages, job.state = [], [], state
@@ -135,7 +137,8 @@ class Scheduler:
             if self.device.num_free < want:
                 if self.device.num_free + evictable < want:
                     continue                  # O(1) bound: long backlogs stay cheap to plan
-                victims = idle_on_device(rank[job.rid])
+                victims = [v for v in idle_on_device(rank[job.rid])   # an empty batch may evict anyone: progress
+                           if not chosen or self.policy.may_evict(v, job)]
                 if self.device.num_free + sum(len(v.pages) for v in victims) < want:
                     continue                  # cannot fit even after evicting: evict nobody in vain
                 for victim in victims:
@@ -150,8 +153,10 @@ class Scheduler:
             chosen[job.rid] = WorkItem(job.rid, job.num_computed, n, job.num_computed + n >= job.known)
             budget -= n
 
-        kv.proactive(idle_on_device(-1), order, chosen, int(cfg.offload_watermark * self.device.total))
+        kv.proactive([v for v in idle_on_device(-1) if self.policy.may_offload(v)], order, chosen,
+                     int(cfg.offload_watermark * self.device.total))
         kv.finish()
+        steps = self._decode_steps(live, chosen, kv)
 
         for job in live:
             if job.rid in chosen:
@@ -167,17 +172,46 @@ class Scheduler:
         rows = sum(1 for w in work if w.num_tokens == 1)
         ctx = sum(w.start + w.num_tokens for w in work)
         self._last_cost = self.cost.iteration_time(prefill, rows, ctx, len(kv.swap_out) + len(kv.swap_in))
-        return Plan(tuple(work), tuple(kv.swap_out), tuple(kv.swap_in), tuple(preempted), tuple(kv.dropped))
+        self._last_cost += (steps - 1) * self.cost.iteration_time(0, rows, ctx + rows * steps // 2)
+        return Plan(tuple(work), tuple(kv.swap_out), tuple(kv.swap_in), tuple(preempted), tuple(kv.dropped),
+                    decode_steps=steps)
 
-    def on_step_done(self, plan: Plan, now: float, finished=()) -> None:
-        """Advance token counts, charge service time, release finished jobs."""
+    def _decode_steps(self, live: list[Job], chosen: dict[str, WorkItem], kv: KVPlanner) -> int:
+        """Multi-step decode: K = ``decode_steps`` iterations in one dispatch when the batch is all
+        decode rows, no page moves are planned and no other job waits (a new arrival then waits at
+        most one dispatch). Each row gets the pages for its K tokens now (capped by its
+        max_tokens); if the free pool cannot hold them, K = 1."""
+        K = self.cfg.decode_steps
+        if K <= 1 or not chosen or len(chosen) != len(live) or kv.swap_out or kv.swap_in or kv.dropped:
+            return 1
+        if any(w.num_tokens != 1 or not w.sample for w in chosen.values()):
+            return 1
+        extra = {}
+        for rid in chosen:
+            job = self.jobs[rid]
+            k = max(1, min(K, job.max_tokens - job.generated))
+            extra[rid] = max(0, self.pages_for(job.num_computed + k) - len(job.pages))
+        if sum(extra.values()) > self.device.num_free:
+            return 1
+        for rid, n in extra.items():
+            if n:
+                self.jobs[rid].pages += self.device.allocate(n)
+        return K
+
+    def on_step_done(self, plan: Plan, now: float, finished=(), generated: dict[str, int] | None = None) -> None:
+        """Advance token counts, charge service time, release finished jobs.
+
+        ``generated``: tokens each request produced in this dispatch when it differs from one
+        per sampled item (multi-step decode: up to ``plan.decode_steps``, fewer for a row that
+        stopped early)."""
         for w in plan.work:
             job = self.jobs.get(w.request_id)
             if job is None:                       # aborted while the step ran
                 continue
-            job.num_computed = w.start + w.num_tokens
+            n = generated.get(w.request_id, 1) if generated is not None and w.sample else 1
+            job.num_computed = w.start + w.num_tokens + (n - 1 if w.sample else 0)
             if w.sample:
-                job.generated += 1
+                job.generated += n
             self.policy.on_served(job, self._last_cost, now)
         for rid in finished:
             self._release(rid, State.FINISHED)

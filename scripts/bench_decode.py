@@ -1,14 +1,20 @@
 """Decode throughput: Ferry vs HF transformers ``generate``, side by side in one run.
 
     python scripts/bench_decode.py                       # default model, CPU, batches 1 4 16 64
-    python scripts/bench_decode.py --shape llama-3.2-1b  # random bf16 weights of that shape (GPU)
+    python scripts/bench_decode.py --shape llama-3.2-1b  # random bf16 weights of that shape (GPU), batches 1 16 64
+    python scripts/bench_decode.py --shape llama-3-8b --no-hf
 
 For each batch size B, both engines generate exactly --new-tokens tokens
 (EOS ignored, greedy) for B copies of a prompt. Reported: generated tokens per
 second of wall time, prefill included (the same work for both), Ferry's
-decode-only rate, and the ratio. With --shape, the memory roofline (weights
-read once per step at the measured copy bandwidth) and the achieved fraction.
-Writes JSON to --output.
+decode-only rate, and the ratio. With --shape, the memory roofline at every
+batch size (``B * copy bandwidth / weight bytes``: the weights are read once per
+decode step, which yields B tokens; the HBM copy bandwidth is measured in the
+same run, before the engines start) and the fraction of it Ferry's decode rate
+reaches (``rows[i]["roofline_tok_s"]``, ``rows[i]["roofline_fraction"]``).
+On a GPU the HF model is built on the GPU and its inputs are put on the
+model's device. Writes JSON to --output (after every batch size, so a timeout
+keeps the finished rows).
 """
 from __future__ import annotations
 
@@ -41,17 +47,25 @@ def bench_ferry(llm, prompt_ids, batch: int, new_tokens: int, repeats: int) -> d
     return best
 
 
+def _sync(model) -> None:
+    import torch
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+
+
 def bench_hf(model, prompt_ids, batch: int, new_tokens: int, repeats: int) -> dict:
     import torch
-    ids = torch.tensor([prompt_ids] * batch)
+    ids = torch.tensor([prompt_ids] * batch, device=model.device)          # inputs on the model's device
     kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
               attention_mask=torch.ones_like(ids), pad_token_id=0)
     with torch.inference_mode():
         model.generate(ids, **{**kw, "max_new_tokens": 2, "min_new_tokens": 2})
         best = None
         for _ in range(repeats):
+            _sync(model)
             t0 = time.time()
             out = model.generate(ids, **kw)
+            _sync(model)
             dt = time.time() - t0
             assert out.shape[1] - ids.shape[1] == new_tokens
             best = dt if best is None else min(best, dt)
@@ -73,36 +87,58 @@ def load_hf(shape: str | None, dtype: str):
                       num_key_value_heads=c.num_kv_heads, head_dim=c.head_dim, rope_theta=c.rope_theta,
                       tie_word_embeddings=c.tie_word_embeddings, max_position_embeddings=4096)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    return AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype)).to(dev).eval()
+    with torch.device(dev):                    # initialised on the device: an 8B model's CPU init takes minutes
+        return AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype)).eval()
 
 
-def copy_bandwidth() -> float:
+def copy_bandwidth(nbytes: int = 2**30, iters: int = 20) -> float:
+    """HBM bytes read + written per second by an elementwise pass over ``nbytes`` (far past the L2),
+    ``iters`` dependent passes in one jitted loop (one dispatch), best of 3 runs."""
     import jax
     import jax.numpy as jnp
-    x = jnp.ones((256 * 2**20,), jnp.bfloat16)
-    f = jax.jit(lambda a: a + 1)
+    x = jnp.ones((nbytes // 2,), jnp.bfloat16)
+    f = jax.jit(lambda a: jax.lax.fori_loop(0, iters, lambda i, a: a * 1.0001, a))
     f(x).block_until_ready()
-    t0 = time.perf_counter()
-    for _ in range(10):
-        y = f(x)
-    y.block_until_ready()
-    return 2 * x.nbytes * 10 / (time.perf_counter() - t0)
+    best = None
+    for _ in range(3):
+        t0 = time.perf_counter()
+        f(x).block_until_ready()
+        dt = time.perf_counter() - t0
+        best = dt if best is None else min(best, dt)
+    del x
+    return 2 * nbytes * iters / best
+
+
+def add_roofline(result: dict, bw: float, weight_bytes: int) -> None:
+    """Memory roofline per row: B tokens per step, weights read once per step at ``bw`` bytes/s."""
+    result["copy_bandwidth_gbs"] = bw / 1e9
+    result["weight_bytes"] = weight_bytes
+    result["roofline_tok_s_batch1"] = bw / weight_bytes
+    for r in result["rows"]:
+        r["roofline_tok_s"] = r["batch"] * bw / weight_bytes
+        r["roofline_fraction"] = r["ferry"]["decode_tok_s"] / r["roofline_tok_s"]
+        if r["batch"] == 1:
+            result["roofline_fraction_batch1"] = r["roofline_fraction"]
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", default=None, help="random weights of this shape (e.g. llama-3.2-1b)")
-    ap.add_argument("--batches", default="1,4,16,64")
+    ap.add_argument("--batches", default=None, help="default 1,4,16,64 (1,16,64 with --shape)")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--output", default=None)
     ap.add_argument("--dtype", default="auto", help="Ferry's dtype (auto: float32 on CPU, bfloat16 on GPU)")
     args = ap.parse_args()
-    batches = [int(b) for b in args.batches.split(",")]
+    batches = [int(b) for b in (args.batches or ("1,16,64" if args.shape else "1,4,16,64")).split(",")]
 
     from ferry import LLM
     import jax
+    bw = None
+    if args.shape:                                  # before the engines hold device memory
+        bw = copy_bandwidth(2**30 if jax.default_backend() != "cpu" else 2**26)
+        print(f"[bench] {jax.devices()[0]}: copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
     model = f"random:{args.shape}" if args.shape else None
     print(f"[bench] building Ferry engine (model={model or 'default'}, max_batch={max(batches)})", flush=True)
     llm = LLM(model=model, max_batch=max(batches), max_model_len=512, max_prefill_chunk=128, dtype=args.dtype)
@@ -111,6 +147,12 @@ def main() -> int:
     hf = None if args.no_hf else load_hf(args.shape, "bfloat16" if args.shape else "float32")
 
     rows = []
+    result = {"machine": platform.node(), "platform": jax.default_backend(),
+              "device": str(jax.devices()[0]), "cpu_count": os.cpu_count(), "model": model or "SmolLM2-135M-Instruct",
+              "new_tokens": args.new_tokens, "prompt_tokens": len(prompt_ids), "rows": rows}
+    if args.shape:
+        result["shape"] = args.shape
+        result["warmup_seconds"] = llm.engine.warmup_seconds
     for b in batches:
         print(f"[bench] batch {b} ...", flush=True)
         r = {"batch": b, "ferry": bench_ferry(llm, prompt_ids, b, args.new_tokens, args.repeats)}
@@ -118,18 +160,12 @@ def main() -> int:
             r["hf"] = bench_hf(hf, prompt_ids, b, args.new_tokens, args.repeats)
             r["ratio"] = r["ferry"]["tok_s"] / r["hf"]["tok_s"]
         rows.append(r)
-
-    result = {"machine": platform.node(), "platform": jax.default_backend(),
-              "device": str(jax.devices()[0]), "cpu_count": os.cpu_count(), "model": model or "SmolLM2-135M-Instruct",
-              "new_tokens": args.new_tokens, "prompt_tokens": len(prompt_ids), "rows": rows}
-    if args.shape:
-        bw = copy_bandwidth()
-        bytes_per_step = sum(x.nbytes for x in jax.tree.leaves(llm.engine.params))
-        result["copy_bandwidth_gbs"] = bw / 1e9
-        result["roofline_tok_s_batch1"] = bw / bytes_per_step
-        b1 = next((r for r in rows if r["batch"] == 1), None)
-        if b1:
-            result["roofline_fraction_batch1"] = b1["ferry"]["decode_tok_s"] / result["roofline_tok_s_batch1"]
+        if args.shape:
+            add_roofline(result, bw, sum(x.nbytes for x in jax.tree.leaves(llm.engine.params)))
+            print(f"[bench] batch {b}: ferry decode {r['ferry']['decode_tok_s']:.1f} tok/s = "
+                  f"{100 * r['roofline_fraction']:.1f}% of the roofline ({r['roofline_tok_s']:.0f} tok/s)", flush=True)
+        if args.output:
+            _write(args.output, result)
 
     print(f"\n{'batch':>5} {'ferry tok/s':>12} {'ferry decode':>13} {'hf tok/s':>10} {'ratio':>7}")
     for r in rows:
@@ -139,11 +175,21 @@ def main() -> int:
     if "roofline_fraction_batch1" in result:
         print(f"batch-1 roofline {result['roofline_tok_s_batch1']:.0f} tok/s; achieved "
               f"{100 * result['roofline_fraction_batch1']:.1f}%")
+    for r in rows:
+        if "roofline_fraction" in r:
+            print(f"batch {r['batch']:>3}: roofline {r['roofline_tok_s']:.0f} tok/s, achieved "
+                  f"{100 * r['roofline_fraction']:.1f}%")
     if args.output:
-        with open(args.output, "w") as f:
-            json.dump(result, f, indent=2)
+        _write(args.output, result)
         print(f"wrote {args.output}")
     return 0
+
+
+def _write(path: str, result: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ def main():
     import jax.numpy as jnp
     import numpy as np
 
-    from ferry.engine.sampling import SamplingBatch, host_rows, sample
+    from ferry.engine.sampling import SamplingBatch, SamplingRow, host_rows, sample
     from ferry.engine.sampling_params import SamplingParams
 
     all_logits = _logits(a.synthetic, 64, a.vocab)
@@ -85,8 +85,8 @@ def main():
     print(f"{'setting':18s}" + "".join(f"{s:>12s}" for s in selects) + f"{'sort/top_k':>12s}{'sort/compact':>13s}")
     results = {}
     for name, p in settings.items():
-        rows = [(p, 1000 + i, 7, [1], 1, ()) for i in range(B)]
-        sb = SamplingBatch(**{k: jnp.asarray(v) for k, v in host_rows(rows, B, 8).items()})
+        rows = [SamplingRow(p, 1000 + i, 7) for i in range(B)]
+        sb = SamplingBatch(**{k: jnp.asarray(v) for k, v in host_rows(rows, B).items()})
         ms, toks = {}, {}
         for s in selects:
             toks[s] = np.asarray(jax.block_until_ready(fns[s](logits, sb))[0])

@@ -1,11 +1,14 @@
-"""Replay a trace under MLFQ and/or FCFS, on the simulator or the real engine; JCT statistics.
+"""Replay a trace under MLFQ / FCFS / oracle SRPT, on the simulator or the real engine; JCT statistics.
 
-usage: python scripts/bench_serving.py --trace FILE --policy mlfq|fcfs|both [--simulate]
+usage: python scripts/bench_serving.py --trace FILE --policy mlfq|fcfs|oracle|both|all [--simulate]
            --output RESULT.json [--plot CDF.png]
   simulator knobs: --max-batch 32 --num-pages 400 --host-pages 4096 --page-size 16 --cost-model gpu|cpu|FILE
   real engine:     --model (default: SmolLM2) --max-batch 8 --max-model-len 1024 --num-pages N ...
 Writes avg/p50/p95/p99 JCT, avg TTFT, throughput and the scheduler counters per policy; with
-``both`` also the FCFS/MLFQ ratios measured in the same run. Real mode forces exact output
+``both`` (FCFS + MLFQ) also the FCFS/MLFQ ratios; with ``all`` (simulator only: adds the oracle SRPT,
+which knows every output length) every policy's ratios over FCFS and over the oracle.
+``--base-quantum``/``--starve-limit`` default to the derived values (scheduler/mlfq.py); give
+numbers for the old fixed-seconds MLFQ. Real mode forces exact output
 lengths (ignore_eos) and submits jobs at their trace arrival times (wall clock).
 """
 import argparse
@@ -26,7 +29,7 @@ def run_sim(trace, policy, a):
     cfg = SchedulerConfig(max_batch=a.max_batch, max_tokens_per_step=a.max_batch + a.chunk,
                           max_prefill_chunk=a.chunk, page_size=a.page_size, num_device_pages=a.num_pages,
                           num_host_pages=a.host_pages, policy=policy, cost_model=cost_model(a.cost_model),
-                          base_quantum=a.base_quantum, starve_limit=a.starve_limit)
+                          base_quantum=a.base_quantum, starve_limit=a.starve_limit, tail_slack=a.tail_slack)
     t = time.perf_counter()
     res, stats = simulate(trace, cfg)
     print(f"  simulated {len(trace)} jobs in {time.perf_counter() - t:.1f} s", flush=True)
@@ -35,8 +38,11 @@ def run_sim(trace, policy, a):
 
 def run_real(trace, policy, a):
     from ferry.engine.entrypoints.llm import LLM
-    kw = dict(max_batch=a.max_batch, max_model_len=a.max_model_len, scheduler=policy,
-              mlfq_base_quantum=a.base_quantum, mlfq_starve_limit=a.starve_limit)
+    kw = dict(max_batch=a.max_batch, max_model_len=a.max_model_len, scheduler=policy)
+    if a.base_quantum is not None:
+        kw.update(mlfq_base_quantum=a.base_quantum)
+    if a.starve_limit is not None:
+        kw.update(mlfq_starve_limit=a.starve_limit)
     if a.num_pages:
         kw.update(num_pages=a.num_pages, num_host_pages=a.host_pages)
     llm = LLM(a.model, **kw)
@@ -64,31 +70,58 @@ def plot(results, path):
     fig.savefig(path, dpi=120)
 
 
+_SIM_ONLY = {"chunk": 256, "page_size": 16, "cost_model": "gpu"}   # flags the real engine mode does not use
+
+
+def _refuse_ignored_flags(ap, a):
+    """Real mode: error on flags it would ignore (so no result records a setting that had no effect);
+    then fill in the simulator defaults. Engine-mode results do not record the simulator-only keys."""
+    if not a.simulate:
+        ignored = [f"--{k.replace('_', '-')}" for k in _SIM_ONLY if getattr(a, k) is not None]
+        if a.host_pages is not None and a.num_pages is None:
+            ignored.append("--host-pages (without --num-pages)")
+        if ignored:
+            ap.error(f"{', '.join(ignored)}: the real engine mode would ignore this; simulator-only flags need "
+                     "--simulate, and the engine takes --host-pages only together with --num-pages")
+    for k, v in _SIM_ONLY.items():
+        if getattr(a, k) is None and a.simulate:
+            setattr(a, k, v)
+    if a.host_pages is None and (a.simulate or a.num_pages is not None):
+        a.host_pages = 4096
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trace", required=True)
-    ap.add_argument("--policy", choices=["mlfq", "fcfs", "both"], default="both")
+    ap.add_argument("--policy", choices=["mlfq", "fcfs", "oracle", "both", "all"], default="both")
     ap.add_argument("--simulate", action="store_true")
     ap.add_argument("--output", required=True)
     ap.add_argument("--plot", default=None)
     ap.add_argument("--model", default=None)
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--max-model-len", type=int, default=1024)
-    ap.add_argument("--chunk", type=int, default=256)
-    ap.add_argument("--page-size", type=int, default=16)
+    ap.add_argument("--chunk", type=int, default=None, help="simulator only (default 256)")
+    ap.add_argument("--page-size", type=int, default=None, help="simulator only (default 16)")
     ap.add_argument("--num-pages", type=int, default=None)
-    ap.add_argument("--host-pages", type=int, default=4096)
-    ap.add_argument("--cost-model", default="gpu")
-    ap.add_argument("--base-quantum", type=float, default=0.4)
-    ap.add_argument("--starve-limit", type=float, default=10.0)
+    ap.add_argument("--host-pages", type=int, default=None, help="default 4096; the real engine uses it only "
+                                                                   "with --num-pages")
+    ap.add_argument("--cost-model", default=None, help="simulator only: gpu (assumed, not measured), cpu "
+                                                       "(measured) or a fitted JSON file (default gpu)")
+    ap.add_argument("--base-quantum", type=float, default=None, help="fixed Q0 seconds (default: derived)")
+    ap.add_argument("--starve-limit", type=float, default=None, help="s without running -> Q0 (default: none)")
+    ap.add_argument("--tail-slack", type=float, default=2.0)
     a = ap.parse_args()
+    _refuse_ignored_flags(ap, a)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     trace = read_jsonl(a.trace)
     if a.simulate and a.num_pages is None:
         a.num_pages = 400
-    policies = ["fcfs", "mlfq"] if a.policy == "both" else [a.policy]
+    policies = {"both": ["fcfs", "mlfq"], "all": ["fcfs", "mlfq", "oracle"]}.get(a.policy, [a.policy])
+    if "oracle" in policies and not a.simulate:
+        ap.error("the oracle knows true output lengths: simulator only (--simulate)")
     out = {"trace": os.path.basename(a.trace), "jobs": len(trace), "mode": "simulate" if a.simulate else "engine",
-           "config": {k: v for k, v in vars(a).items() if k not in ("trace", "output", "plot")}}
+           "config": {k: v for k, v in vars(a).items() if k not in ("trace", "output", "plot")
+                      and (a.simulate or k not in _SIM_ONLY)}}
     raw = {}
     for pol in policies:
         print(f"{pol}:", flush=True)
@@ -98,7 +131,13 @@ def main():
         s = out[pol]
         print(f"  avg JCT {s['avg_jct']:.3f} s  p50 {s['p50_jct']:.3f}  p95 {s['p95_jct']:.3f}  p99 {s['p99_jct']:.3f}"
               f"  TTFT {s['avg_ttft']:.3f}  {s['throughput_tok_s']:.1f} tok/s", flush=True)
-    if len(policies) == 2:
+    keys = ("avg_jct", "p50_jct", "p95_jct", "p99_jct", "avg_ttft")
+    for ref in ("fcfs", "oracle"):
+        if ref in policies and len(policies) == 3:
+            out[f"over_{ref}"] = {p: {k: out[p][k] / out[ref][k] for k in keys if out[ref][k] > 0} for p in policies}
+            print(f"policy / {ref.upper()}:", {p: {k: round(v, 2) for k, v in r.items()}
+                                              for p, r in out[f"over_{ref}"].items()})
+    if "fcfs" in policies and "mlfq" in policies:
         f, m = out["fcfs"], out["mlfq"]
         out["fcfs_over_mlfq"] = {k: f[k] / m[k] for k in ("avg_jct", "p50_jct", "p95_jct", "p99_jct", "avg_ttft")
                                  if m[k] > 0}

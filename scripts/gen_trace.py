@@ -13,7 +13,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ferry.scheduler.cost_model import CostModel  # noqa: E402
 from ferry.scheduler.workload import generate, write_jsonl  # noqa: E402
 
-# An H100-like step profile for the simulator (decode nearly flat in batch size).
+# An H100-like step profile for the simulator (decode nearly flat in batch size). ASSUMED, not measured:
+# no GPU has run Ferry yet; replace it with `scripts/profile_cost_model.py` output from a real GPU run.
 GPU = CostModel(base=0.012, per_prefill_token=4e-5, per_decode_row=1e-4, per_context_token=2e-8, per_swap_page=2e-5)
 
 

@@ -2,8 +2,8 @@
 
 usage: python scripts/profile_cost_model.py [--model M] [--max-batch 16] [--max-model-len 512]
            [--repeats 3] [--output FILE]
-Times prefill chunks of every compiled length and decode steps at several batch sizes and
-contexts on the real engine (after its warm-up, so nothing compiles while timing), takes the
+Times prefill chunks of every compiled length and single decode iterations at several batch sizes
+and contexts on the real engine (after its warm-up, so nothing compiles while timing), takes the
 median of ``--repeats`` runs each, fits ``scheduler.cost_model.CostModel`` by least squares and
 writes it. Default output: ``<model file without .gguf>.cost_model.json`` beside the model
 (the current directory for ``random:*`` models or a read-only model directory). Use it with
@@ -46,13 +46,16 @@ def main():
 
     from ferry.engine.config import EngineConfig
     from ferry.engine.llm_engine import LLMEngine
-    from ferry.engine.model_runner import Row
+    from ferry.engine.model_runner import PrefillRow
+    from ferry.engine.sampling import SamplingRow
     from ferry.engine.sampling_params import SamplingParams
+    from ferry.engine.slots import SlotRow
     from ferry.scheduler.cost_model import CostModel
 
     eng = LLMEngine(EngineConfig(model=a.model, max_batch=a.max_batch, max_model_len=a.max_model_len,
                                  scheduler="fcfs"))
-    S, runner, sp = eng.config.page_size, eng.runner, SamplingParams(temperature=0, max_tokens=4)
+    S, runner = eng.config.page_size, eng.runner
+    sp = SamplingParams(temperature=0, max_tokens=eng.max_model_len - 1, ignore_eos=True)
     buckets, L = eng.config.buckets(), eng.max_model_len
     pages = list(range(1, -(-L // S) + 1))[:eng.kv.num_pages - 1]
     shapes = [("prefill", n, 0) for n in buckets.prefill_tokens if n <= L]
@@ -64,13 +67,14 @@ def main():
         for _ in range(a.repeats + 1):                     # the first run is discarded (cache warm-up)
             if kind == "prefill":
                 toks = list(range(3, 3 + n))
-                row = Row(toks, 0, pages, 0, (sp, 0, 0, toks, n, ()))
                 t = time.perf_counter()
-                jax.block_until_ready(runner.prefill(row).tokens)
-            else:
-                rows = [Row([5], ctx, pages, 0, (sp, 0, 0, [5] * (ctx + 1), ctx, ())) for _ in range(n)]
+                jax.block_until_ready(runner.prefill(PrefillRow(toks, 0, pages), slot=0).tokens)
+            else:                                          # n slots at position ctx over the same pages
+                for s in range(n):
+                    eng.slots.write(s, SlotRow(f"p{s}", 5, ctx, pages, SamplingRow(sp, 0, 0)), None)
+                runner.apply_updates(*eng.slots.take_updates())
                 t = time.perf_counter()
-                jax.block_until_ready(runner.decode(rows).tokens)
+                jax.block_until_ready(runner.decode(list(range(n)), ctx, 1).tokens)
             times.append(time.perf_counter() - t)
         sample = ({"prefill_tokens": n, "decode_rows": 0, "context_tokens": n} if kind == "prefill" else
                   {"prefill_tokens": 0, "decode_rows": n, "context_tokens": n * ctx})

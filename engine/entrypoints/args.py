@@ -4,6 +4,10 @@
 whose metadata has a ``group`` (``EngineConfig``, ``ServerConfig``); flags default to
 None so that ``config_from_args`` can tell "not given" (the dataclass default, or a
 subcommand's own default) from a value the user typed.
+
+A field's ``flags`` metadata holds its other spellings, vLLM's among them
+(``--max-num-seqs`` for ``max_batch``); ``canonical_kwargs`` maps the same spellings as
+Python keywords (``max_num_seqs=8``) for ``LLM(...)``, so both come from one table.
 """
 from __future__ import annotations
 
@@ -36,7 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
         typ = _parse_type(cls, f)
         names = (_flag(f.name), *f.metadata.get("flags", ()))
         default = f.default if f.default is not dataclasses.MISSING else None
-        help_ = f"{f.metadata['help']} (default: {default})"
+        help_ = f.metadata["help"]
+        if "default" not in help_:                   # the help may say it better ("default: the model's")
+            help_ = f"{help_} (default: {default})"
         if typ is bool:
             g.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
         else:
@@ -53,3 +59,27 @@ def config_from_args(cls, args: argparse.Namespace, **defaults):
         if v is not None:
             kw[f.name] = v
     return cls(**kw)
+
+
+def keyword_aliases(cls) -> dict[str, str]:
+    """Keyword spelling of every long extra flag -> field name (``{"max_num_seqs": "max_batch", ...}``)."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        for flag in f.metadata.get("flags", ()):
+            if flag.startswith("--"):
+                out[flag[2:].replace("-", "_")] = f.name
+    return out
+
+
+def canonical_kwargs(cls, kwargs: dict) -> dict:
+    """``kwargs`` with alias names (vLLM's ``tensor_parallel_size``, ``max_num_seqs``, ...) replaced by
+    ``cls``'s field names; ValueError if a setting is given under two names."""
+    aliases = keyword_aliases(cls)
+    out: dict = {}
+    given_as: dict[str, str] = {}
+    for key, value in kwargs.items():
+        name = aliases.get(key, key)
+        if name in out:
+            raise ValueError(f"{name} given twice: as {given_as[name]!r} and as {key!r}")
+        out[name], given_as[name] = value, key
+    return out

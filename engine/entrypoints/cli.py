@@ -8,8 +8,9 @@ from ferry.engine.config import EngineConfig
 from ferry.engine.entrypoints.args import add_arguments, config_from_args
 from ferry.engine.server.config import ServerConfig
 
-# One prompt: a small engine (one batch slot, a 1k context) compiles in seconds.
-GENERATE_DEFAULTS = {"max_batch": 1, "max_model_len": 1024}
+# One prompt: a small engine (one batch slot, a 1k context) that compiles only the programs the
+# prompt needs, when it needs them (or loads them from the executable cache).
+GENERATE_DEFAULTS = {"max_batch": 1, "max_model_len": 1024, "warmup": "lazy"}
 
 
 def _generate(args) -> int:
@@ -29,17 +30,32 @@ def _generate(args) -> int:
         return 0                     # multi-host: only process 0 prints
     print(out.text)
     if args.verbose:
-        t = out.timings
+        t, eng = out.timings, getattr(llm.engine, "engine", llm.engine)
+        progs = eng.runner.program_stats()
+        built = sum(p["compiled"] for p in progs.values())
+        compile_s = sum(p["seconds"] for p in progs.values())
         print(f"[{out.num_prompt_tokens} prompt tokens, {out.num_output_tokens} generated, "
-              f"finish={out.finish_reason}, ttft={t.first_token - t.arrival:.3f}s, "
+              f"finish={out.finish_reason}, load={eng.timings['load_seconds']:.2f}s, "
+              f"programs={built} built in {compile_s:.2f}s (persistent cache: {eng.config.compile_cache_dir}), "
+              f"ttft={t.first_token - t.arrival:.3f}s (compiles included), "
               f"total={t.finish - t.arrival:.3f}s]", file=sys.stderr)
     return 0
 
 
 def _serve(args) -> int:
     from ferry.engine.server.app import run_server       # fastapi / uvicorn: only when serving
-    run_server(config_from_args(EngineConfig, args), config_from_args(ServerConfig, args))
+    engine_config, server_config = serve_configs(args)
+    run_server(engine_config, server_config)
     return 0
+
+
+def serve_configs(args) -> tuple[EngineConfig, ServerConfig]:
+    """``ferry serve``'s settings: ``MODEL`` (positional, as ``vllm serve MODEL``) or ``--model``."""
+    if args.model_tag is not None:
+        if args.model is not None and args.model != args.model_tag:
+            raise ValueError(f"two models given: {args.model_tag!r} (positional) and --model {args.model!r}")
+        args.model = args.model_tag
+    return config_from_args(EngineConfig, args), config_from_args(ServerConfig, args)
 
 
 def _convert(args) -> int:
@@ -68,7 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-v", "--verbose", action="store_true", help="print token counts and timings")
     g.set_defaults(fn=_generate)
 
-    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server",
+                       description="OpenAI-compatible HTTP server. vLLM's flag names work too "
+                                   "(--max-num-seqs, --tensor-parallel-size, --gpu-memory-utilization, "
+                                   "--swap-space, --served-model-name, --api-key, ...).")
+    s.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                   help="the model, as --model (vLLM's `serve MODEL`)")
     add_arguments(s, EngineConfig)
     add_arguments(s, ServerConfig)
     s.set_defaults(fn=_serve)

@@ -1,14 +1,19 @@
 """Latency histograms fed by the engine loop: time to first token, inter-token, completion.
 
 ``LatencyRecorder`` is fed every ``RequestOutput`` by the engine loop thread;
-``snapshot()`` is read by the server's ``/metrics`` (engine/server/metrics.py).
+``snapshot()`` is read by ``AsyncEngine.latency()`` and, through it, by the server's
+``/metrics``, whose prometheus_client collector turns the snapshots into histogram
+families (engine/server/metrics.py). The histograms stay this small class rather than
+``prometheus_client.Histogram``: callers get immutable, consistent snapshots
+(``HistogramSnapshot``, buckets + sum + count taken under one lock), ``observe`` takes a
+weight (a step that emits k tokens records k inter-token gaps in one call), and each
+engine keeps its own, outside any global registry.
 """
 from __future__ import annotations
 
 import bisect
 import dataclasses
 import math
-import numbers
 import threading
 
 from ferry.engine.outputs import RequestOutput
@@ -26,12 +31,12 @@ class HistogramSnapshot:
     total: float
     count: int
 
-    def cumulative(self) -> list[tuple[str, int]]:
-        """(le label, cumulative count) pairs, ending with "+Inf"."""
+    def cumulative(self) -> list[tuple[float, int]]:
+        """(upper bound, cumulative count) pairs, ending with (inf, count)."""
         out, acc = [], 0
         for bound, c in zip(self.bounds + (math.inf,), self.counts):
             acc += c
-            out.append(("+Inf" if bound == math.inf else format_value(bound), acc))
+            out.append((bound, acc))
         return out
 
 
@@ -96,14 +101,3 @@ class LatencyRecorder:
 
     def snapshot(self) -> dict[str, HistogramSnapshot]:
         return {"ttft": self.ttft.snapshot(), "itl": self.itl.snapshot(), "jct": self.jct.snapshot()}
-
-
-def format_value(v) -> str:
-    if isinstance(v, bool):
-        return str(int(v))
-    if isinstance(v, numbers.Integral):
-        return str(int(v))
-    v = float(v)
-    if math.isinf(v):
-        return "+Inf" if v > 0 else "-Inf"
-    return repr(v)

@@ -11,6 +11,7 @@ import time
 from typing import Iterable, Iterator, Sequence
 
 from ferry.engine.config import EngineConfig
+from ferry.engine.entrypoints.args import canonical_kwargs
 from ferry.engine.llm_engine import LLMEngine
 from ferry.engine.outputs import RequestOutput
 from ferry.engine.sampling_params import SamplingParams
@@ -25,7 +26,10 @@ class LLM:
     Args mirror ``EngineConfig``: ``model`` (None = default SmolLM2 GGUF, a
     .gguf file, HF directory, Ferry Orbax directory, or ``random:<shape>``),
     ``max_batch``, ``max_model_len``, ``scheduler`` ("mlfq" | "fcfs"),
-    ``dtype``, ``num_pages``, ``tensor_parallel``, ...
+    ``dtype``, ``num_pages``, ``tensor_parallel``, ... vLLM's names for the same
+    settings work too (``tensor_parallel_size``, ``max_num_seqs``,
+    ``gpu_memory_utilization``, ``swap_space``, ``block_size``, ...): they are the
+    ``flags`` of EngineConfig's fields, mapped in ``args.canonical_kwargs``.
 
     Multi-host (``num_processes > 1``, ``coordinator_address``, ``process_id``):
     run the same script on every process. Process 0's calls do the work; on the
@@ -36,7 +40,7 @@ class LLM:
     def __init__(self, model: str | None = None, *, config: EngineConfig | None = None, **kwargs) -> None:
         if config is not None and (model is not None or kwargs):
             raise ValueError("pass either config=EngineConfig(...) or keyword settings, not both")
-        config = config or EngineConfig(model=model, **kwargs)
+        config = config or EngineConfig(model=model, **canonical_kwargs(EngineConfig, kwargs))
         self.multihost = config.num_processes > 1
         if self.multihost:
             from ferry.engine.distributed import MultiHostEngine, initialize

@@ -3,32 +3,42 @@
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with
 SSE streaming), ``GET /v1/models``, ``GET /health``, ``GET /metrics``.
 Errors use OpenAI's JSON shape; no stack trace ever reaches a client.
-``ferry serve`` calls ``add_serve_arguments`` and ``run_server``.
+With an API key every ``/v1`` route (and ``/metrics`` if asked) needs
+``Authorization: Bearer KEY`` (engine/server/auth.py). ``ferry serve`` calls ``run_server``.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import math
+import sys
 from typing import Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ferry.engine.server import protocol
 from ferry.engine.entrypoints.async_engine import AsyncEngine
-from ferry.engine.server.metrics import render_prometheus
+from ferry.engine.server.auth import ApiKeyMiddleware, open_binding_warning
+from ferry.engine.server.metrics import CONTENT_TYPE, make_registry
 from ferry.engine.server.handlers import APIError, _Handler
 
 logger = logging.getLogger(__name__)
 
 
 def build_app(async_engine: AsyncEngine, model_name: str | None = None,
-              shutdown_engine_on_exit: bool = True, shutdown_timeout: float = 30.0) -> FastAPI:
-    """The FastAPI application serving ``async_engine`` under the name ``model_name``."""
+              shutdown_engine_on_exit: bool = True, shutdown_timeout: float = 30.0,
+              api_key: str | None = None, metrics_require_api_key: bool = False) -> FastAPI:
+    """The FastAPI application serving ``async_engine`` under the name ``model_name``.
+
+    ``api_key``: if set, requests to ``/v1/*`` (and ``/metrics`` with ``metrics_require_api_key``)
+    without ``Authorization: Bearer <api_key>`` get 401 before reaching any route.
+    """
     served = model_name or async_engine.model_name
+    registry = make_registry(async_engine.stats, async_engine.latency, labels={"model": served})
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -39,6 +49,8 @@ def build_app(async_engine: AsyncEngine, model_name: str | None = None,
     app = FastAPI(title="Ferry", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     handler = _Handler(async_engine, served)
     _install_error_handlers(app)
+    if api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=api_key, guard_metrics=metrics_require_api_key)
 
     @app.get("/health")
     async def health() -> Response:
@@ -52,8 +64,7 @@ def build_app(async_engine: AsyncEngine, model_name: str | None = None,
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        text = render_prometheus(async_engine.stats(), async_engine.latency(), labels={"model": served})
-        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE)
 
     @app.post("/v1/completions")
     async def completions(body: protocol.CompletionRequest, request: Request) -> Response:
@@ -125,6 +136,10 @@ def run_server(engine_config, server_config) -> None:
     """
     cfg, sc = engine_config, server_config
     logging.basicConfig(level=sc.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    api_key = sc.resolved_api_key()
+    warning = open_binding_warning(sc.host, api_key)
+    if warning and cfg.process_id == 0:          # before the (long) engine start-up, so it is seen
+        print(warning, file=sys.stderr, flush=True)
     if cfg.num_processes > 1:
         from ferry.engine.distributed import MultiHostEngine, initialize
         initialize(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
@@ -136,7 +151,8 @@ def run_server(engine_config, server_config) -> None:
         from ferry.engine.llm_engine import LLMEngine   # heavy (JAX); imported only when serving
         engine = LLMEngine(cfg)
     async_engine = AsyncEngine(engine, max_waiting=sc.max_waiting)
-    app = build_app(async_engine, sc.served_model_name, shutdown_timeout=sc.shutdown_timeout)
+    app = build_app(async_engine, sc.served_model_name, shutdown_timeout=sc.shutdown_timeout,
+                    api_key=api_key, metrics_require_api_key=sc.metrics_require_api_key)
     server = make_uvicorn_server(app, async_engine, sc.host, sc.port, sc.shutdown_timeout, sc.log_level)
     try:
         server.run()

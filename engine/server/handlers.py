@@ -165,7 +165,8 @@ class _Handler:
             if isinstance(exc, ValueError) or type(exc).__name__ in ("TemplateError", "TemplateSyntaxError"):
                 raise APIError(400, f"cannot apply the chat template: {exc}", param="messages") from None
             raise
-        return list(self.engine.tokenizer.encode(text))
+        # As transformers' apply_chat_template(tokenize=True): the template decides on BOS.
+        return list(self.engine.tokenizer.encode(text, add_special_tokens=False))
 
     async def _chat_events(self, rid, created, admitted, n, want_lps, include_usage) -> AsyncIterator[str]:
         finals: dict[int, RequestOutput] = {}

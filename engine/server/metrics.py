@@ -1,15 +1,28 @@
-"""Prometheus text rendering of an engine stats snapshot and latency histograms (``GET /metrics``).
+"""``GET /metrics``: the engine's stats snapshot and latency histograms through ``prometheus_client``.
 
-No prometheus_client dependency: the exposition format (text 0.0.4) is written by hand.
+``EngineCollector`` is a custom collector: at scrape time it reads one stats snapshot
+(``AsyncEngine.stats()``) and the latency histogram snapshots (``AsyncEngine.latency()``)
+and yields metric families; prometheus_client writes the exposition format. The engine
+loop keeps its own counters (the scheduler's, read as one snapshot), so nothing is
+mirrored into prometheus_client objects on the hot path. Each app has its own
+``CollectorRegistry`` (several engines in one process never clash in the global one).
 """
 from __future__ import annotations
 
 import numbers
-from typing import Mapping
+from typing import Callable, Mapping
 
-from ferry.engine.entrypoints.latency import HistogramSnapshot, format_value as _fmt
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from prometheus_client.utils import floatToGoString
 
-# (stats key, metric name, type, help)
+from ferry.engine.entrypoints.latency import HistogramSnapshot
+
+# What /metrics answers with: text format 0.0.4, which every Prometheus version scrapes.
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
+
+# (stats key, metric name, type, help). Counter names end in _total, as exposed.
 _SCALARS = (
     ("running", "requests_running", "gauge", "Requests in the running batch."),
     ("swapped", "requests_swapped", "gauge", "Requests whose KV cache is in host memory."),
@@ -37,61 +50,76 @@ _HISTOGRAMS = (
 )
 
 
+class EngineCollector:
+    """Collector over ``stats()`` and ``histograms()`` snapshots, read at every scrape.
+
+    Missing stats keys are skipped, so engines with fewer counters still export. Waiting
+    requests are one gauge with a ``queue`` label per scheduler queue (MLFQ: one per
+    queue, 0 = highest priority; FCFS: one). ``labels`` (e.g. ``{"model": name}``) are
+    attached to every sample.
+    """
+
+    def __init__(self, stats: Callable[[], Mapping], histograms: Callable[[], Mapping[str, HistogramSnapshot]],
+                 prefix: str = "ferry", labels: Mapping[str, str] | None = None):
+        self._stats, self._histograms, self.prefix = stats, histograms, prefix
+        self._names = list((labels or {}).keys())
+        self._values = [str(v) for v in (labels or {}).values()]
+
+    def collect(self):
+        stats = self._stats()
+        p, names, values = self.prefix, self._names, self._values
+        for key, name, kind, help_ in _SCALARS:
+            if _is_number(stats.get(key)):
+                cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+                fam = cls(f"{p}_{name}", help_, labels=names)
+                fam.add_metric(values, float(stats[key]))
+                yield fam
+        waiting = _waiting_per_queue(stats)
+        if waiting is not None:
+            fam = GaugeMetricFamily(f"{p}_requests_waiting",
+                                    "Requests waiting, per scheduler queue (0 = highest priority).",
+                                    labels=names + ["queue"])
+            for q, n in enumerate(waiting):
+                fam.add_metric(values + [str(q)], float(n))
+            yield fam
+        finished = stats.get("finished_by_reason")
+        if finished:
+            fam = CounterMetricFamily(f"{p}_requests_finished_total", "Requests finished, by finish reason.",
+                                      labels=names + ["finish_reason"])
+            for reason, n in sorted(finished.items()):
+                fam.add_metric(values + [str(reason)], float(n))
+            yield fam
+        snaps = self._histograms()
+        for key, name, help_ in _HISTOGRAMS:
+            snap = snaps.get(key)
+            if snap is None:
+                continue
+            fam = HistogramMetricFamily(f"{p}_{name}", help_, labels=names)
+            fam.add_metric(values, [(floatToGoString(le), n) for le, n in snap.cumulative()], snap.total)
+            yield fam
+
+
+def make_registry(stats: Callable[[], Mapping], histograms: Callable[[], Mapping[str, HistogramSnapshot]],
+                  prefix: str = "ferry", labels: Mapping[str, str] | None = None) -> CollectorRegistry:
+    """A registry holding one ``EngineCollector``; ``generate_latest(registry)`` renders a scrape."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(EngineCollector(stats, histograms, prefix, labels))
+    return registry
+
+
 def render_prometheus(stats: Mapping, histograms: Mapping[str, HistogramSnapshot],
                       prefix: str = "ferry", labels: Mapping[str, str] | None = None) -> str:
-    """Render a stats snapshot and latency histograms as Prometheus text (format 0.0.4).
+    """One snapshot as Prometheus text (format 0.0.4), e.g. for logging or tests."""
+    return generate_latest(make_registry(lambda: stats, lambda: histograms, prefix, labels)).decode()
 
-    Missing stats keys are skipped, so engines with fewer counters still render.
-    ``labels`` (e.g. ``{"model": name}``) are attached to every sample.
-    """
-    base = dict(labels or {})
-    lines: list[str] = []
 
-    def family(name: str, kind: str, help_: str) -> str:
-        full = f"{prefix}_{name}"
-        lines.append(f"# HELP {full} {help_}")
-        lines.append(f"# TYPE {full} {kind}")
-        return full
-
-    for key, name, kind, help_ in _SCALARS:
-        if _is_number(stats.get(key)):
-            full = family(name, kind, help_)
-            lines.append(f"{full}{_labels(base)} {_fmt(stats[key])}")
+def _waiting_per_queue(stats: Mapping) -> list | None:
     waiting = stats.get("waiting_per_queue")
     if waiting is None:           # scheduler stats: waiting_q0..waiting_qK (MLFQ) or waiting (FCFS)
         qs = sorted((int(k[9:]), v) for k, v in stats.items() if k.startswith("waiting_q") and k[9:].isdigit())
         waiting = [v for _, v in qs] or ([stats["waiting"]] if _is_number(stats.get("waiting")) else None)
-    if waiting is not None:
-        full = family("requests_waiting", "gauge", "Requests waiting, per scheduler queue (0 = highest priority).")
-        for q, n in enumerate(waiting):
-            lines.append(f"{full}{_labels({**base, 'queue': str(q)})} {_fmt(n)}")
-    finished = stats.get("finished_by_reason")
-    if finished:
-        full = family("requests_finished_total", "counter", "Requests finished, by finish reason.")
-        for reason, n in sorted(finished.items()):
-            lines.append(f"{full}{_labels({**base, 'finish_reason': str(reason)})} {_fmt(n)}")
-    for key, name, help_ in _HISTOGRAMS:
-        snap = histograms.get(key)
-        if snap is None:
-            continue
-        full = family(name, "histogram", help_)
-        for le, c in snap.cumulative():
-            lines.append(f"{full}_bucket{_labels({**base, 'le': le})} {c}")
-        lines.append(f"{full}_sum{_labels(base)} {_fmt(snap.total)}")
-        lines.append(f"{full}_count{_labels(base)} {snap.count}")
-    return "\n".join(lines) + "\n"
+    return waiting
 
 
 def _is_number(v) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
-
-
-def _labels(labels: Mapping[str, str]) -> str:
-    if not labels:
-        return ""
-    body = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
-    return "{" + body + "}"
-
-
-def _escape(v: str) -> str:
-    return str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Callable, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ferry.engine.outputs import RequestOutput, TokenLogprob
 from ferry.engine.sampling_params import MAX_LOGPROBS, SamplingParams
@@ -19,6 +19,24 @@ MAX_N = 64
 SEED_MOD = 2 ** 63
 
 Prompt = Union[str, list[str], list[int], list[list[int]]]
+
+
+def _valid_unicode(value):
+    """Strings anywhere in a field must encode as UTF-8: JSON can carry unpaired surrogates
+    (``"\\ud800"``), which would otherwise fail later, in the tokenizer or in the response."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("contains an unpaired UTF-16 surrogate (not valid Unicode)") from None
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            if not isinstance(v, int):
+                _valid_unicode(v)
+    elif isinstance(value, BaseModel):
+        for v in value.__dict__.values():
+            _valid_unicode(v)
+    return value
 
 
 class StreamOptions(BaseModel):
@@ -50,6 +68,11 @@ class _SamplingRequest(BaseModel):
     ignore_eos: Optional[bool] = False
     stop_token_ids: Optional[list[int]] = None
     priority: Optional[int] = 0
+
+    @field_validator("*")
+    @classmethod
+    def _strings_are_unicode(cls, value):
+        return _valid_unicode(value)
 
     @property
     def include_usage(self) -> bool:

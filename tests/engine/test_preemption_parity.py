@@ -3,7 +3,8 @@
 The engine runs ``random:tiny`` with ample KV pages under FCFS (never interrupted: the reference),
 then with a tiny device cache (24 pages of 8 tokens for 4 rows of up to ~100 tokens) and a tiny host
 swap space, so jobs are preempted, swapped out and in, and dropped for recompute. Greedy and seeded
-sampling rows are mixed. Scheduler decisions are deterministic (cost-model service time; the
+sampling rows are mixed. The reference decodes up to 8 tokens per dispatch (multi-step), the
+interrupted runs one or four. Scheduler decisions are deterministic (cost-model service time; the
 starvation guard is off), so the stats assertions cannot pass or fail by timing.
 """
 import numpy as np
@@ -26,9 +27,10 @@ def _jobs():
     return jobs
 
 
-def _run(scheduler, num_pages, host_pages, jobs):
+def _run(scheduler, num_pages, host_pages, jobs, decode_steps=1):
     eng = LLMEngine(EngineConfig(model="random:tiny", max_batch=4, max_model_len=128, max_prefill_chunk=32,
                                  page_size=8, num_pages=num_pages, num_host_pages=host_pages, scheduler=scheduler,
+                                 decode_steps=decode_steps,
                                  strict_compile_guard=True, warmup_progress=False, compile_cache_dir=None,
                                  mlfq_base_quantum=0.05, mlfq_starve_limit=1e6))
     out, step, pending = {}, 0, list(jobs)
@@ -53,7 +55,7 @@ def _run(scheduler, num_pages, host_pages, jobs):
 @pytest.fixture(scope="module")
 def reference():
     jobs = _jobs()
-    ref, s = _run("fcfs", 200, 0, jobs)                     # ample pages: never interrupted
+    ref, s = _run("fcfs", 200, 0, jobs, decode_steps=8)     # ample pages: never interrupted; multi-step decode
     assert s["preemptions"] == 0 and s["swap_out_pages"] == 0 and s["recomputes"] == 0
     assert len(ref) == len(jobs) and all(len(v) == p.max_tokens for _, k, _, p in jobs for v in [ref[k]])
     return jobs, ref
@@ -71,4 +73,13 @@ def test_fcfs_under_memory_pressure_matches_uninterrupted(reference):
     jobs, ref = reference
     got, s = _run("fcfs", 25, 4, jobs)                      # later arrivals lose their KV to earlier ones
     assert s["preemptions"] > 0 and s["swap_out_pages"] + s["recomputes"] > 0, s
+    assert got == ref
+
+
+def test_multistep_decode_under_memory_pressure_matches_uninterrupted(reference):
+    """Multi-step dispatches (K=4) mixed with preemption: pages for K tokens are taken ahead,
+    rows stop early on device, and the tokens still equal the uninterrupted run's."""
+    jobs, ref = reference
+    got, s = _run("fcfs", 25, 4, jobs, decode_steps=4)
+    assert s["preemptions"] > 0 and s["decode_iterations"] > s["decode_dispatches"] > 0, s
     assert got == ref

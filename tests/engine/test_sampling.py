@@ -6,18 +6,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ferry.engine.sampling import SamplingBatch, host_rows, sample
+from ferry.engine.sampling import SamplingBatch, SamplingRow, host_penalties, host_rows, sample
 from ferry.engine.sampling_params import SamplingParams
 
 V = 50
 
 
-def _batch(rows, H=16):
-    return SamplingBatch(**{k: jnp.asarray(v) for k, v in host_rows(rows, len(rows), H).items()})
+def _batch(rows):
+    return SamplingBatch(**{k: jnp.asarray(v) for k, v in host_rows(rows, len(rows)).items()})
 
 
-def _row(p, seed=0, step=0, toks=(), n_prompt=0, stops=()):
-    return (p, seed, step, list(toks), n_prompt, tuple(stops))
+def _row(p, seed=0, step=0, stops=()):
+    return SamplingRow(p, seed, step, tuple(stops))
+
+
+def _pen(toks, n_prompt):
+    from ferry.engine.sampling import Penalties
+    c, s = host_penalties(list(toks), n_prompt, V)
+    return Penalties(jnp.asarray(c[None]), jnp.asarray(s[None]))
 
 
 def test_greedy_is_argmax_and_stop_detected():
@@ -142,14 +148,20 @@ def test_penalties():
     lg = jnp.zeros((1, V), jnp.float32).at[0, 3].set(2.0).at[0, 4].set(1.9)
     # token 3 generated twice: frequency penalty 0.1*2 + presence 0 pushes it below token 4
     p = SamplingParams(temperature=0, frequency_penalty=0.1)
-    tok = sample(lg, _batch([_row(p, toks=[9, 3, 3], n_prompt=1)]))[0]
+    tok = sample(lg, _batch([_row(p)]), _pen([9, 3, 3], 1))[0]
     assert int(tok[0]) == 4
     # the same tokens in the prompt are not output tokens: no frequency penalty
-    tok = sample(lg, _batch([_row(p, toks=[3, 3, 9], n_prompt=2)]))[0]
+    tok = sample(lg, _batch([_row(p)]), _pen([3, 3, 9], 2))[0]
     assert int(tok[0]) == 3
     # repetition penalty covers prompt tokens too: 2.0 / 1.1 < 1.9
     p = SamplingParams(temperature=0, repetition_penalty=1.1)
-    tok = sample(lg, _batch([_row(p, toks=[3], n_prompt=1)]))[0]
+    tok = sample(lg, _batch([_row(p)]), _pen([3], 1))[0]
+    assert int(tok[0]) == 4
+    # positive control: without the statistics the raw argmax wins
+    tok = sample(lg, _batch([_row(p)]))[0]
+    assert int(tok[0]) == 3
+    # the statistics may come lazily (gathered only when some row has a penalty)
+    tok = sample(lg, _batch([_row(p)]), lambda: _pen([3], 1))[0]
     assert int(tok[0]) == 4
 
 

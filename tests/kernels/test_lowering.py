@@ -357,45 +357,67 @@ def gpu_runner(monkeypatch):
     return runner, cfg, params, cache
 
 
-def _step_inputs(B, N, P):
-    from ferry.engine.model_runner import StepInputs
+def _prefill_inputs(T, P):
+    from ferry.engine.model_runner import PrefillInputs
     i = lambda *s: SDS(s, I32)  # noqa: E731
-    return StepInputs(i(N), i(N), i(N), i(B, P), i(B), i(B), i(B))
+    return PrefillInputs(i(T), i(T), i(T), i(1, P), i(1))
 
 
-@pytest.mark.parametrize("mode", ["decode", "prefill"])
-def test_engine_step_lowers_with_pallas_kernels(gpu_runner, mode):
-    """The engine's jitted decode / prefill step (``_forward``, caches donated) for CUDA: per layer one
-    K/V write (both caches aliased in place) then one attention kernel, and the donated caches are
-    aliased to the step's outputs, so no cache copy is needed anywhere in the step."""
+def _state_sds(S, P, V):
+    from ferry.engine.slots import empty_state
+    return jax.eval_shape(lambda: empty_state(S, P, V))
+
+
+def test_engine_prefill_lowers_with_pallas_kernels(gpu_runner):
+    """The engine's prefill program (caches donated) for CUDA: per layer one K/V write (both caches
+    aliased in place) then one attention kernel, and the donated caches are aliased to the program's
+    outputs, so no cache copy is needed anywhere in the step."""
     runner, cfg, params, cache = gpu_runner
-    fn = runner._decode if mode == "decode" else runner._prefill
-    x = _step_inputs(4, 4, 4) if mode == "decode" else _step_inputs(1, 16, 4)
-    lowered = fn.trace(params, cache, cache, x).lower(lowering_platforms=("cuda",))
+    lowered = runner.programs["prefill"].fn.trace(params, cache, cache, _prefill_inputs(16, 4)).lower(
+        lowering_platforms=("cuda",))
     ks = launches(lowered)
-    attn = "ferry_paged_attention" if mode == "decode" else "ferry_prefill_attention"
-    assert [k.name for k in ks] == ["ferry_write_kv", attn] * cfg.num_layers
+    assert [k.name for k in ks] == ["ferry_write_kv", "ferry_prefill_attention"] * cfg.num_layers
     for w in ks[::2]:
         assert w.aliases == [(0, 4), (1, 5)]
     main = lowered.as_text().split("func.func public @main(", 1)[1].split("\n", 1)[0]
     assert re.findall(r"tf\.aliasing_output = (\d+)", main) == ["1", "2"]     # donated k, v -> outputs 1, 2
 
 
+def test_engine_decode_loop_lowers_with_pallas_kernels(gpu_runner):
+    """The multi-step decode program (``lax.while_loop`` over K iterations, sampling inside) for CUDA:
+    per layer a K/V write then paged attention inside the loop body, compaction kernels for the
+    sampler and the stopped rows, and the donated caches and slot state aliased to the outputs."""
+    runner, cfg, params, cache = gpu_runner
+    B, C = 4, 64
+    st = _state_sds(runner.ecfg.max_batch, runner.ecfg.max_pages_per_seq, cfg.vocab_size)
+    fn = runner.programs["decode"].fn((B, C))
+    lowered = fn.trace(params, cache, cache, st, SDS((B,), I32), SDS((), I32)).lower(lowering_platforms=("cuda",))
+    ks = launches(lowered)
+    names = [k.name for k in ks]
+    assert names[:2 * cfg.num_layers] == ["ferry_write_kv", "ferry_paged_attention"] * cfg.num_layers
+    assert set(names[2 * cfg.num_layers:]) == {"ferry_nonzero_count", "ferry_nonzero_scatter"}
+    for w in ks[:2 * cfg.num_layers:2]:
+        assert w.aliases == [(0, 4), (1, 5)]
+    main = lowered.as_text().split("func.func public @main(", 1)[1].split("\n", 1)[0]
+    n_state = len(jax.tree.leaves(st))
+    assert re.findall(r"tf\.aliasing_output = (\d+)", main) == [str(i) for i in range(2 + n_state)]
+
+
 def test_engine_sample_step_lowers_with_pallas_compaction(gpu_runner):
-    """The sampling program (own jit, one per batch size) with a 32k vocabulary: the finished-row
-    compaction plus, inside the truncation ``lax.cond``, the candidate-tier compactions (GPU "auto"
-    select) all lower; each count kernel is followed by its scatter."""
+    """The first-token sampling program with a 32k vocabulary: the finished-row compaction plus,
+    inside the truncation ``lax.cond``, the candidate-tier compactions (GPU "auto" select) all lower;
+    each count kernel is followed by its scatter."""
     runner = gpu_runner[0]
-    from ferry.engine.sampling import SamplingBatch, host_rows
-    B, V = 4, 32768
-    sb = jax.tree.map(lambda a: SDS(a.shape, a.dtype), SamplingBatch(**host_rows([], B, runner.history_len)))
-    ks = launches(runner._sample.trace(SDS((B, V), jnp.float32), sb, SDS((B,), I32)).lower(
+    V = 32768
+    st = _state_sds(4, 4, V)
+    fn = runner.programs["sample"].fn
+    ks = launches(fn.trace(st, SDS((1, V), jnp.float32), SDS((1,), I32), SDS((1,), I32)).lower(
         lowering_platforms=("cuda",)))
     names = [k.name for k in ks]
     assert len(ks) >= 4 and names == ["ferry_nonzero_count", "ferry_nonzero_scatter"] * (len(ks) // 2)
     grids = collections.Counter(k.grid[0] for k in ks[::2])
-    assert grids[1] == 1                                                   # done rows: 4 elements, 1 block
-    assert grids[B * V // 1024] == len(ks) // 2 - 1                       # [B, V] masks: 128 blocks
+    assert grids[1] == 1                                                   # done rows: 1 element, 1 block
+    assert grids[V // 1024] == len(ks) // 2 - 1                           # [1, V] masks: 32 blocks
 
 
 # ----------------------------------------------------------------------------- TPU (Mosaic)

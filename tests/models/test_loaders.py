@@ -35,6 +35,22 @@ def test_dequantize_matches_gguf_reference(t):
     np.testing.assert_array_equal(ours, ref)
 
 
+def test_dequantize_default_model_tensors_match_gguf_reference():
+    """One real tensor of each type in the default model's file (the file the speed measurement used)."""
+    reader = gguf.GGUFReader(default_model_path(), "r")
+    seen = set()
+    for t in reader.tensors:
+        if int(t.tensor_type) in seen:
+            continue
+        seen.add(int(t.tensor_type))
+        shape = tuple(int(x) for x in reversed(t.shape))
+        ours = q.dequantize(np.asarray(t.data), int(t.tensor_type), shape)
+        ref = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(shape)
+        assert ours.dtype == np.float32
+        np.testing.assert_array_equal(ours, ref, err_msg=t.name)
+    assert {q.Q4_1, q.Q8_0, q.F32} <= seen
+
+
 def test_dequantize_rejects_truncated_data():
     with pytest.raises(ValueError, match="truncated"):
         q.dequantize(np.zeros(33, np.uint8), q.Q8_0, (32,))
@@ -205,3 +221,28 @@ def test_hf_safetensors_directory_matches_transformers(tmp_path, default_bundle)
     single.write_bytes(single.read_bytes()[:100])
     with pytest.raises(ValueError, match="model.safetensors: .*(truncated|corrupt)"):
         load_model(str(d))
+
+
+def test_read_safetensors_dtypes_without_torch_and_errors_name_the_file(tmp_path):
+    """The safetensors library reads bf16/f16/f32/int tensors as numpy (bf16 via ml_dtypes, no torch);
+    a truncated or corrupt file is a ValueError that names it."""
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file
+    from ferry.models.safetensors_loader import read_safetensors
+    g = torch.Generator().manual_seed(0)
+    ref = {"bf16": torch.randn(3, 5, generator=g).bfloat16(), "f16": torch.randn(4, generator=g).half(),
+           "f32": torch.randn(2, 2, 2, generator=g), "i64": torch.arange(6).reshape(2, 3)}
+    path = tmp_path / "t.safetensors"
+    save_file(ref, str(path))
+    got = read_safetensors(str(path))
+    assert set(got) == set(ref)
+    assert got["bf16"].dtype == ml_dtypes.bfloat16 and got["bf16"].shape == (3, 5)
+    for k, t in ref.items():
+        np.testing.assert_array_equal(got[k].astype(np.float64), t.float().numpy().astype(np.float64), err_msg=k)
+    data = path.read_bytes()
+    for name, blob in (("cut.safetensors", data[:-8]), ("head.safetensors", data[:5]),
+                       ("junk.safetensors", b"\xff" * 64)):
+        bad = tmp_path / name
+        bad.write_bytes(blob)
+        with pytest.raises(ValueError, match=f"{name}: truncated or corrupt"):
+            read_safetensors(str(bad))

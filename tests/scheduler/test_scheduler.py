@@ -39,8 +39,9 @@ def _step(s, now, gen_left):
 
 def test_skip_join_places_long_prompts_in_lower_queues():
     m = SkipJoinMLFQ(COST, num_queues=5, base_quantum=0.05, quantum_ratio=2.0)
-    # prefill time = 0.01 + 0.001 * n: 30 -> 0.04 (Q0), 80 -> 0.09 (Q1), 300 -> 0.31 (Q3), 10^4 -> last
-    assert [m.join_queue(n) for n in (30, 80, 300, 10_000)] == [0, 1, 3, 4]
+    # prefill work = 0.001 * n; queues hold attained [0, .05), [.05, .15), [.15, .35), [.35, .75), [.75, inf)
+    # 30 -> 0.03 (Q0), 80 -> 0.08 (Q1), 300 -> 0.3 (Q2), 10^4 -> last
+    assert [m.join_queue(n) for n in (30, 80, 300, 10_000)] == [0, 1, 2, 4]
 
 
 def test_demotion_after_quantum_and_preemption_order():
@@ -76,9 +77,9 @@ def test_fcfs_runs_in_arrival_order_without_preemption():
     assert order == ["a"] * 30 + ["b"] and s.stats()["preemptions"] == 0
 
 
-def _long_vs_short_stream(starve_limit):
+def _long_vs_short_stream(starve_limit, tail_slack=1e9):
     """Batch of 1; a 3-iteration short job arrives every 3 iterations, so Q0 is never empty."""
-    s = Scheduler(_cfg(max_batch=1, starve_limit=starve_limit))
+    s = Scheduler(_cfg(max_batch=1, starve_limit=starve_limit, tail_slack=tail_slack))
     s.add("long", 4, 40, 0.0)
     gen = {"long": 40}
     now, it = 0.0, 0
@@ -98,6 +99,13 @@ def test_starvation_guard_under_adversarial_short_stream():
     assert "long" not in s.jobs, "the long job starved despite the guard"
     assert s.stats()["promotions"] >= 1
     assert "long" in _long_vs_short_stream(starve_limit=1e9).jobs   # without the guard it starves
+
+
+def test_tail_guard_alone_rescues_the_long_job():
+    s = _long_vs_short_stream(starve_limit=None, tail_slack=2.0)
+    assert "long" not in s.jobs, "the long job starved despite the tail guard"
+    assert s.policy.tail_promotions >= 1
+    assert "long" in _long_vs_short_stream(starve_limit=None, tail_slack=1e9).jobs    # positive control
 
 
 def test_swap_and_recompute_keep_page_ownership():
@@ -125,8 +133,10 @@ def test_abort_frees_device_and_host_pages():
     gen = {"a": 20, "b": 20}
     s.add("a", 16, 20, 0.0)
     s.add("b", 16, 20, 0.0)
-    for t in range(12):
+    t = 0
+    while s.stats()["host_pages_used"] == 0 and t < 40:
         _step(s, t * 0.05, gen)
+        t += 1
     assert s.stats()["host_pages_used"] > 0          # one of them sits on the host now
     s.abort("a")
     s.abort("b")

@@ -124,3 +124,23 @@ def test_gen_trace_and_bench_serving_scripts(tmp_path):
     bad = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench_serving.py"), "--trace", str(trace),
                           "--policy", "lifo", "--simulate", "--output", str(out)], capture_output=True)
     assert bad.returncode != 0
+
+
+def test_bench_serving_reports_every_policy_against_fcfs_and_the_oracle(tmp_path):
+    trace, out = tmp_path / "t.jsonl", tmp_path / "r.json"
+    write_jsonl(str(trace), generate(150, load=0.9, arrival="gamma", cv=3.0, alpha=0.8, out_max=1024, max_batch=8,
+                                     cost=GPU, seed=2))
+    subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench_serving.py"), "--trace", str(trace),
+                    "--policy", "all", "--simulate", "--max-batch", "8", "--num-pages", "300", "--output", str(out)],
+                   check=True, capture_output=True)
+    r = json.loads(out.read_text())
+    for ref in ("fcfs", "oracle"):
+        for pol in ("fcfs", "mlfq", "oracle"):
+            assert set(r[f"over_{ref}"][pol]) == {"avg_jct", "p50_jct", "p95_jct", "p99_jct", "avg_ttft"}
+            assert r[f"over_{ref}"][pol]["p99_jct"] == pytest.approx(r[pol]["p99_jct"] / r[ref]["p99_jct"])
+        assert r[f"over_{ref}"][ref]["avg_jct"] == 1.0
+    # the oracle is the reference: on this heavy-tailed bursty trace it beats FCFS on average
+    assert r["oracle"]["avg_jct"] < r["fcfs"]["avg_jct"]
+    real = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench_serving.py"), "--trace", str(trace),
+                           "--policy", "oracle", "--output", str(out)], capture_output=True, text=True)
+    assert real.returncode != 0 and "simulator only" in real.stderr

@@ -15,12 +15,15 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve(engine, max_waiting=300, name="fake", shutdown_timeout=2.0, holder=None, idle_poll_s=0.05):
+def serve(engine, max_waiting=300, name="fake", shutdown_timeout=2.0, holder=None, idle_poll_s=0.05,
+          api_key=None, metrics_require_api_key=False):
     """Serve AsyncEngine(engine) (a FakeEngine or a real LLMEngine) with the graceful-shutdown
-    uvicorn server; yield (url, async_engine). ``holder`` (a dict) receives the server as ``holder["server"]``."""
+    uvicorn server; yield (url, async_engine). ``holder`` (a dict) receives the server as ``holder["server"]``.
+    ``api_key``/``metrics_require_api_key``: as ``build_app``'s."""
     aeng = AsyncEngine(engine, max_waiting=max_waiting, idle_poll_s=idle_poll_s)
     port = free_port()
-    app = build_app(aeng, name, shutdown_timeout=shutdown_timeout)
+    app = build_app(aeng, name, shutdown_timeout=shutdown_timeout, api_key=api_key,
+                    metrics_require_api_key=metrics_require_api_key)
     srv = make_uvicorn_server(app, aeng, "127.0.0.1", port, shutdown_timeout, "warning")
     if holder is not None:
         holder["server"] = srv

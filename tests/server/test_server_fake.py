@@ -342,7 +342,7 @@ def test_load_test_script_reports_rates_and_percentiles(server, tmp_path):
     import importlib.util
     import os
     url, eng, aeng = server
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "load_test.py")
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "scripts", "load_test.py")
     spec = importlib.util.spec_from_file_location("ferry_load_test", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

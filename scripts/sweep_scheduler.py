@@ -1,0 +1,213 @@
+"""Sweep MLFQ vs FCFS vs oracle SRPT on the simulator: load x burstiness x length mix x memory.
+
+usage: python scripts/sweep_scheduler.py [--smoke] [--jobs 800] [--seed 0] [--procs 2]
+           [--output benchmarks/results/sweep_scheduler.json] [--plots benchmarks/results/sweep]
+Every cell uses the policies' DEFAULT parameters (one parameter set for all cells; the simulator's
+``SchedulerConfig`` defaults), the GPU-like cost model of ``gen_trace.py`` and max_batch 32.
+Per cell: avg / p50 / p95 / p99 JCT, avg TTFT, swap pages per policy, and the ratios MLFQ/FCFS and
+MLFQ/oracle. Writes the JSON (with the command line and the machine), a Markdown table next to it
+(``.md``) and one heat-map PNG per metric (``<plots>_<metric>.png``: MLFQ/FCFS and MLFQ/oracle).
+``--smoke`` runs 4 tiny cells (seconds; CI runs it in tests/scheduler/test_sweep.py).
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from gen_trace import GPU  # noqa: E402
+
+from ferry.scheduler.scheduler import SchedulerConfig  # noqa: E402
+from ferry.scheduler.simulator import simulate, summarize  # noqa: E402
+from ferry.scheduler.workload import generate  # noqa: E402
+
+MAX_BATCH, PAGE, CHUNK, HOST_PAGES = 32, 16, 256, 1 << 16
+POLICIES = ("fcfs", "mlfq", "oracle")
+METRICS = ("avg_jct", "p99_jct", "avg_ttft")
+
+
+@dataclasses.dataclass(frozen=True)
+class Mix:
+    name: str
+    gen: dict                       # keyword arguments of workload.generate
+
+
+MIXES = (
+    Mix("chat_a0.8", dict(prompt_median=64, prompt_max=512, out_min=8, out_max=2048, alpha=0.8)),
+    Mix("chat_a1.2", dict(prompt_median=64, prompt_max=512, out_min=8, out_max=2048, alpha=1.2)),
+    Mix("chat_a2.0", dict(prompt_median=64, prompt_max=512, out_min=8, out_max=2048, alpha=2.0)),
+    Mix("summarise", dict(prompt_median=1500, prompt_max=4000, out_min=8, out_max=128, alpha=1.5)),
+    Mix("bimodal", dict(prompt_median=128, prompt_max=1024, out_min=8, out_max=1024, long_frac=0.1, short_max=64,
+                        long_min=512)),
+)
+ARRIVALS = (("poisson", 1.0), ("gamma", 2.0), ("gamma", 4.0))
+LOADS = (0.5, 0.7, 0.8, 0.9, 0.95)
+MEMORY = ("limited", "ample")
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    mix: str
+    arrival: str
+    cv: float
+    load: float
+    memory: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.mix}|{self.arrival}{self.cv:g}|{self.load:g}|{self.memory}"
+
+
+def pages_for(trace, memory: str) -> int:
+    """"limited": KV for 0.8 x a full batch of average jobs (at least the largest job);
+    "ample": a full batch of the largest jobs."""
+    per = [math.ceil((j["prompt_len"] + j["output_len"]) / PAGE) for j in trace]
+    if memory == "ample":
+        return MAX_BATCH * max(per) + 1
+    return max(max(per) + 1, round(0.8 * MAX_BATCH * sum(per) / len(per)) + 1)
+
+
+def config(policy: str, pages: int) -> SchedulerConfig:
+    return SchedulerConfig(max_batch=MAX_BATCH, max_tokens_per_step=MAX_BATCH + CHUNK, max_prefill_chunk=CHUNK,
+                           page_size=PAGE, num_device_pages=pages, num_host_pages=HOST_PAGES, policy=policy,
+                           cost_model=GPU)
+
+
+def run_cell(cell: Cell, jobs: int, seed: int) -> dict:
+    mix = next(m for m in MIXES if m.name == cell.mix)
+    trace = generate(jobs, load=cell.load, arrival=cell.arrival, cv=cell.cv, max_batch=MAX_BATCH, cost=GPU,
+                     seed=seed, chunk=CHUNK, **mix.gen)
+    pages = pages_for(trace, cell.memory)
+    out = {"cell": dataclasses.asdict(cell), "device_pages": pages}
+    for pol in POLICIES:
+        res, stats = simulate(trace, config(pol, pages))
+        s = summarize(res, stats)
+        s["swap_pages"] = s.get("swap_out_pages", 0) + s.get("swap_in_pages", 0)
+        out[pol] = s
+    m, f, o = out["mlfq"], out["fcfs"], out["oracle"]
+    out["mlfq_over_fcfs"] = {k: m[k] / f[k] for k in ("avg_jct", "p50_jct", "p95_jct", "p99_jct", "avg_ttft")}
+    out["mlfq_over_oracle"] = {k: m[k] / o[k] for k in ("avg_jct", "p50_jct", "p95_jct", "p99_jct", "avg_ttft")}
+    out["swap_mlfq_over_fcfs"] = m["swap_pages"] / max(f["swap_pages"], 1)
+    return out
+
+
+def cells(smoke: bool) -> list[Cell]:
+    if smoke:
+        return [Cell("chat_a0.8", "gamma", 2.0, 0.8, "limited"), Cell("summarise", "poisson", 1.0, 0.7, "ample"),
+                Cell("bimodal", "gamma", 4.0, 0.9, "limited"), Cell("chat_a2.0", "poisson", 1.0, 0.5, "ample")]
+    return [Cell(m.name, a, cv, load, mem) for m in MIXES for mem in MEMORY for a, cv in ARRIVALS for load in LOADS]
+
+
+def targets(rows: list[dict]) -> dict:
+    """The issue's targets over cells at load <= 0.9: counts of cells meeting each, and the worst ratio."""
+    sel = [r for r in rows if r["cell"]["load"] <= 0.9]
+    hi = [r for r in sel if r["cell"]["load"] >= 0.7]
+    avg = [r["mlfq_over_oracle"]["avg_jct"] for r in sel]
+    p99 = [r["mlfq_over_fcfs"]["p99_jct"] for r in sel]
+    ttft = [1 / r["mlfq_over_fcfs"]["avg_ttft"] for r in hi]
+    swap = [r["swap_mlfq_over_fcfs"] for r in sel if r["fcfs"]["swap_pages"] > 0]
+    return {
+        "cells": len(sel),
+        "avg_jct_within_15pct_of_oracle": {"met": sum(x <= 1.15 for x in avg), "worst_mlfq_over_oracle": max(avg)},
+        "p99_no_worse_than_fcfs": {"met": sum(x <= 1.0 for x in p99), "worst_mlfq_over_fcfs": max(p99)},
+        "ttft_5x_lower_at_load_ge_0.7": {"cells": len(hi), "met": sum(x >= 5 for x in ttft),
+                                         "worst_fcfs_over_mlfq": min(ttft) if ttft else None},
+        "swap_within_1.5x_fcfs": {"cells": len(swap), "met": sum(x <= 1.5 for x in swap),
+                                  "worst_mlfq_over_fcfs": max(swap) if swap else None},
+    }
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| mix | memory | arrival | load | FCFS avg/p99 JCT | MLFQ avg/p99 JCT | oracle avg/p99 JCT | "
+            "MLFQ/oracle avg | MLFQ/FCFS p99 | FCFS/MLFQ TTFT | MLFQ/FCFS swap |")
+    lines = [head, "|" + "---|" * 11]
+    for r in rows:
+        c, f, m, o = r["cell"], r["fcfs"], r["mlfq"], r["oracle"]
+        lines.append(f"| {c['mix']} | {c['memory']} | {c['arrival']} cv{c['cv']:g} | {c['load']:g} | "
+                     f"{f['avg_jct']:.2f} / {f['p99_jct']:.2f} | {m['avg_jct']:.2f} / {m['p99_jct']:.2f} | "
+                     f"{o['avg_jct']:.2f} / {o['p99_jct']:.2f} | {r['mlfq_over_oracle']['avg_jct']:.2f} | "
+                     f"{r['mlfq_over_fcfs']['p99_jct']:.2f} | {1 / r['mlfq_over_fcfs']['avg_ttft']:.1f} | "
+                     f"{r['swap_mlfq_over_fcfs']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def heatmaps(rows: list[dict], prefix: str) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    ys = sorted({(r["cell"]["mix"], r["cell"]["memory"]) for r in rows}, key=lambda t: (t[0], t[1]))
+    xs = sorted({(r["cell"]["arrival"], r["cell"]["cv"], r["cell"]["load"]) for r in rows},
+                key=lambda t: (t[1], t[2]))
+    paths = []
+    for metric in METRICS:
+        fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.1 * len(xs)), 1.2 + 0.45 * len(ys)), squeeze=False)
+        for ax, (ratio, label) in zip(axes[0], (("mlfq_over_fcfs", "MLFQ / FCFS"), ("mlfq_over_oracle",
+                                                                                     "MLFQ / oracle"))):
+            grid = np.full((len(ys), len(xs)), np.nan)
+            for r in rows:
+                c = r["cell"]
+                grid[ys.index((c["mix"], c["memory"])), xs.index((c["arrival"], c["cv"], c["load"]))] = r[ratio][metric]
+            im = ax.imshow(np.log2(grid), cmap="RdYlGn_r", vmin=-3, vmax=3, aspect="auto")
+            for i in range(len(ys)):
+                for j in range(len(xs)):
+                    ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=6)
+            ax.set_xticks(range(len(xs)), [f"cv{cv:g}\n{ld:g}" for _, cv, ld in xs], fontsize=6)
+            ax.set_yticks(range(len(ys)), [f"{m} {mem}" for m, mem in ys], fontsize=7)
+            ax.set_title(f"{label}: {metric} (<1 = MLFQ better)", fontsize=8)
+        fig.colorbar(im, ax=axes[0].tolist(), label="log2 ratio", shrink=0.8)
+        path = f"{prefix}_{metric}.png"
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--jobs", type=int, default=800)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--procs", type=int, default=2)
+    ap.add_argument("--output", default="benchmarks/results/sweep_scheduler.json")
+    ap.add_argument("--plots", default=None, help="heat-map path prefix (default: the output without .json)")
+    ap.add_argument("--no-plots", action="store_true")
+    a = ap.parse_args(argv)
+    jobs = 60 if a.smoke else a.jobs
+    todo = cells(a.smoke)
+    t0 = time.perf_counter()
+    if a.procs > 1:
+        with ProcessPoolExecutor(a.procs) as ex:
+            rows = list(ex.map(run_cell, todo, [jobs] * len(todo), [a.seed] * len(todo)))
+    else:
+        rows = [run_cell(c, jobs, a.seed) for c in todo]
+    out = {"command": "python " + " ".join([os.path.relpath(__file__)] + list(argv if argv is not None else
+                                                                              sys.argv[1:])),
+           "machine": f"{platform.machine()} VM, {os.cpu_count()} CPU cores, no accelerator; discrete-event "
+                      f"simulator (pure Python), GPU-like cost model {dataclasses.asdict(GPU)}",
+           "python": platform.python_version(), "jobs_per_cell": jobs, "seed": a.seed, "max_batch": MAX_BATCH,
+           "page_size": PAGE, "chunk": CHUNK, "wall_s": round(time.perf_counter() - t0, 1),
+           "targets": targets(rows), "cells": rows}
+    os.makedirs(os.path.dirname(os.path.abspath(a.output)), exist_ok=True)
+    with open(a.output, "w") as f:
+        json.dump(out, f, indent=1)
+    md = os.path.splitext(a.output)[0] + ".md"
+    with open(md, "w") as f:
+        f.write(f"`{out['command']}` ({out['machine']})\n\n{table(rows)}\ntargets (load <= 0.9): "
+                f"`{json.dumps(out['targets'])}`\n")
+    if not a.no_plots:
+        out["plots"] = heatmaps(rows, a.plots or os.path.splitext(a.output)[0])
+    print(json.dumps(out["targets"], indent=1))
+    print(f"{len(rows)} cells in {out['wall_s']} s -> {a.output}, {md}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""scripts/gpu_checks.sh and scripts/gpu_summary.py on a CPU host: the GPU guard (and, with a stand-in
+``python`` that reports a GPU, the steps it guards), the per-step budget, the summary table, and the
+device image's missing packages (gguf, fastapi, uvicorn) never imported by the GPU scripts."""
+import json
+import os
+import pathlib
+import stat
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+STEPS = ["selfcheck", "kernels_attention", "kernels_compaction", "kernels_kv_write", "kernels_prefill", "sampling",
+         "decode_llama-3.2-1b", "decode_llama-3-8b"]
+
+
+def _run(tmp_path, env_extra=None, path_prefix=None):
+    env = dict(os.environ, OUT=str(tmp_path / "out"), JAX_PLATFORMS="cpu", **(env_extra or {}))
+    if path_prefix:
+        env["PATH"] = f"{path_prefix}:{env['PATH']}"
+    return subprocess.run(["bash", str(ROOT / "scripts" / "gpu_checks.sh")], env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_exits_at_once_without_a_gpu(tmp_path):
+    r = _run(tmp_path)
+    assert r.returncode == 2 and "not a GPU" in r.stderr and "'cpu'" in r.stderr
+    out = tmp_path / "out"
+    assert (out / "steps.txt").read_text() == "" and not list(out.glob("*.json"))
+
+
+@pytest.fixture
+def fake_gpu_python(tmp_path):
+    """A ``python`` on PATH that answers the GPU probes with "gpu", records every other call (the steps)
+    and runs gpu_summary.py for real."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    calls = tmp_path / "calls.txt"
+    script = bindir / "python"
+    script.write_text(f"""#!/usr/bin/env bash
+case "$*" in
+  *default_backend*) echo gpu ;;
+  *device_kind*) echo fake_h200 ;;
+  *__version__*) echo "jax fake" ;;
+  *gpu_summary.py*) exec {sys.executable} "$@" ;;
+  *) echo "$*" >> {calls} ;;
+esac
+""")
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    return bindir, calls
+
+
+def test_with_a_gpu_every_step_runs_in_order_then_the_summary(tmp_path, fake_gpu_python):
+    """Positive control for the guard: past it, each step runs once in priority order with its output
+    file under $OUT named after the GPU, steps.txt records rc 0, and the summary table is printed."""
+    bindir, calls = fake_gpu_python
+    r = _run(tmp_path, path_prefix=bindir)
+    assert r.returncode == 0, r.stderr
+    lines = calls.read_text().splitlines()
+    assert len(lines) == len(STEPS)
+    assert lines[0].startswith("-m ferry.kernels.selection") and "selection_fake_h200.json" in lines[0]
+    assert "--sections attention" in lines[1] and "--shape llama-3-8b" in lines[-1] and "--no-hf" in lines[-1]
+    assert all(str(tmp_path / "out") in ln for ln in lines)
+    steps = [ln.split() for ln in (tmp_path / "out" / "steps.txt").read_text().splitlines()]
+    assert [s[0] for s in steps] == STEPS and all(s[1] == "0" for s in steps)
+    assert "measurement" in r.stdout and "MISSING" in r.stdout and (tmp_path / "out" / "summary.txt").exists()
+
+
+def test_steps_past_the_budget_are_skipped(tmp_path, fake_gpu_python):
+    bindir, calls = fake_gpu_python
+    r = _run(tmp_path, {"GPU_CHECKS_BUDGET": "10"}, path_prefix=bindir)
+    assert r.returncode == 0 and not calls.exists()
+    steps = [ln.split() for ln in (tmp_path / "out" / "steps.txt").read_text().splitlines()]
+    assert [s[0] for s in steps] == STEPS and all(s[1] == "skipped" for s in steps)
+
+
+def test_summary_puts_targets_beside_measurements(tmp_path):
+    """PASS / FAIL / MISSING against the issue's targets from hand-written result files."""
+    sys.path.insert(0, str(ROOT))
+    from scripts.gpu_summary import lines, main
+    (tmp_path / "kernels_attention_x.json").write_text(json.dumps({"copy_GBps": 4000, "paged_attention": [
+        {"B": 64, "L": 2048, "ferry_frac_of_copy_bw": 0.83, "ferry_GBps": 3320},
+        {"B": 8, "L": 2048, "ferry_over_jax_deprecated": 1.5},
+        {"B": 1, "L": 4096, "ferry_over_floor": 1.9, "cudnn_error": "unavailable: no cuDNN"}]}))
+    (tmp_path / "kernels_compaction_x.json").write_text(json.dumps({"compaction": [
+        {"n": 1 << 24, "speedup": 12.0, "ferry_over_floor": 2.5}]}))
+    (tmp_path / "decode_llama-3.2-1b_x.json").write_text(json.dumps({"shape": "llama-3.2-1b", "rows": [
+        {"batch": 1, "ferry": {"decode_tok_s": 1000.0}, "roofline_fraction": 0.9, "roofline_tok_s": 1111}]}))
+    (tmp_path / "selection_x.json").write_text(json.dumps({"choices": [{"shape": {"q_heads": 8}, "ops": [
+        {"name": "compaction", "impl": "reference", "reason": "self-check failed: boom"}]}]}))
+    st = {x.what.split(",")[0] + x.target: x.status for x in lines(str(tmp_path))}
+    assert st["paged attn B=64 L=2048>= 80%"] == "PASS" and st["paged attn B=8 L=2048>= 2x"] == "FAIL"
+    assert st["paged attn B=1 L=4096<= 2x"] == "PASS"
+    assert st["compaction n=2^24>= 10x"] == "PASS" and st["compaction n=2^24<= 2x"] == "FAIL"
+    assert st["decode Llama-3.2-1B bf16 batch 1>= 85%"] == "PASS"
+    assert any(k.startswith("self-check") and v == "FAIL" for k, v in st.items())
+    assert main([str(tmp_path), "--json", str(tmp_path / "s.json")]) == 0
+    assert any("unavailable: no cuDNN" in x["what"] for x in json.loads((tmp_path / "s.json").read_text()))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert all(x.status == "MISSING" for x in lines(str(empty)))
+
+
+def test_gpu_scripts_do_not_import_packages_missing_on_the_device():
+    """The device image has no gguf / fastapi / uvicorn: importing every module the GPU steps use
+    (scripts, selection, the engine's Python API on random weights, sampling) with those blocked."""
+    code = """
+import sys, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('gguf', 'fastapi', 'uvicorn', 'starlette'):
+            raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, Block())
+import scripts.bench_kernels, scripts.bench_decode, scripts.bench_sampling, scripts.gpu_summary
+import ferry.kernels.selection, ferry.engine.sampling, ferry.engine.llm_engine, ferry.models.random_weights
+from ferry import LLM, SamplingParams
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    blocked = subprocess.run([sys.executable, "-c", code + "import gguf\n"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert blocked.returncode != 0 and "blocked: gguf" in blocked.stderr              # positive control

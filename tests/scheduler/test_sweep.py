@@ -1,0 +1,32 @@
+"""scripts/sweep_scheduler.py in smoke mode (seconds), as CI runs it."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_sweep_smoke_writes_json_table_and_heatmaps(tmp_path):
+    out = tmp_path / "sweep.json"
+    subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "sweep_scheduler.py"), "--smoke", "--procs", "1",
+                    "--output", str(out)], check=True, capture_output=True, cwd=ROOT)
+    r = json.loads(out.read_text())
+    assert "--smoke" in r["command"] and "CPU cores" in r["machine"] and "simulator" in r["machine"]
+    assert len(r["cells"]) == 4
+    mixes = {c["cell"]["mix"] for c in r["cells"]}
+    assert {"chat_a0.8", "summarise", "bimodal"} <= mixes
+    for c in r["cells"]:
+        for pol in ("fcfs", "mlfq", "oracle"):
+            assert c[pol]["jobs"] == r["jobs_per_cell"]
+            assert c[pol]["p99_jct"] >= c[pol]["p50_jct"] > 0
+        assert c["mlfq_over_fcfs"]["avg_jct"] == c["mlfq"]["avg_jct"] / c["fcfs"]["avg_jct"]
+        assert c["mlfq_over_oracle"]["p99_jct"] == c["mlfq"]["p99_jct"] / c["oracle"]["p99_jct"]
+    t = r["targets"]
+    assert t["cells"] == sum(c["cell"]["load"] <= 0.9 for c in r["cells"])
+    assert 0 <= t["avg_jct_within_15pct_of_oracle"]["met"] <= t["cells"]
+    table = (tmp_path / "sweep.md").read_text().splitlines()
+    assert sum(line.startswith("| chat") or line.startswith("| summ") or line.startswith("| bimodal")
+               for line in table) == 4
+    for metric in ("avg_jct", "p99_jct", "avg_ttft"):
+        assert (tmp_path / f"sweep_{metric}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
