@@ -48,16 +48,21 @@ class KVCache:
         # Swap-out gathers to a replicated array so every process can read all KV heads.
         rep = NamedSharding(sharding.mesh, P()) if sharding is not None else None
         self._gather = jax.jit(_gather_pages, out_shardings=(rep, rep) if rep is not None else None)
-        shape = (cfg.num_layers, cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
-        make = functools.partial(jnp.zeros, shape, dtype)
-        self.k = jax.jit(make, out_shardings=sharding)() if sharding is not None else make()
-        self.v = jax.jit(make, out_shardings=sharding)() if sharding is not None else make()
+        self.rebuild_device()
         # One extra host page (index num_host_pages) is the scratch sink/source of bucket padding,
         # so padded copies never touch a real host page or a real device page (only the null page).
         self.scratch = num_host_pages
         hshape = (cfg.num_layers, cfg.num_kv_heads, num_host_pages + 1, page_size, cfg.head_dim)
         self.host_k = np.zeros(hshape, self.dtype)
         self.host_v = np.zeros(hshape, self.dtype)
+
+    def rebuild_device(self) -> None:
+        """(Re)allocate the device pages as zeros: at start-up, and after a failed program consumed
+        the donated buffers (their contents are lost; the requests that owned them were ended)."""
+        shape = (self.cfg.num_layers, self.cfg.num_kv_heads, self.num_pages, self.page_size, self.cfg.head_dim)
+        make = functools.partial(jnp.zeros, shape, self.dtype)
+        self.k = jax.jit(make, out_shardings=self.sharding)() if self.sharding is not None else make()
+        self.v = jax.jit(make, out_shardings=self.sharding)() if self.sharding is not None else make()
 
     # ---------------------------------------------------------------- swaps
     def _chunks(self, pairs, pad_src: int, pad_dst: int):

@@ -116,7 +116,13 @@ class LLMEngine:
         self.guard = CompileGuard(strict=config.strict_compile_guard)
         self.kv = KVCache(compute_cfg, num_pages, config.page_size, host_pages, kv_dtype, config.buckets(),
                           self.guard, sharding=kv_sharding)
-        self.runner = ModelRunner(compute_cfg, self.params, config, self.kv, dtype, self.guard, mesh=self.mesh)
+        from ferry.kernels.selection import CheckShape, choose_kernels
+        self.kernels = choose_kernels(config.attn_impl, shape=CheckShape(
+            compute_cfg.num_heads // max(1, config.tensor_parallel if self.mesh is not None else 1),
+            max(1, compute_cfg.num_kv_heads // (config.tensor_parallel if self.mesh is not None else 1)),
+            compute_cfg.head_dim, config.page_size, dtype))
+        self.runner = ModelRunner(compute_cfg, self.params, config, self.kv, dtype, self.guard, mesh=self.mesh,
+                                  kernels=self.kernels)
         self.scheduler = Scheduler(config.scheduler_config(num_pages, host_pages))
         self.slots = SlotTable(config.max_batch, config.max_pages_per_seq, config.buckets().decode_batch)
         self._requests: dict[str, Request] = {}
@@ -125,7 +131,8 @@ class LLMEngine:
         self._fixed_clock = False          # multi-host: step() uses only the leader's clock
         self.last_plan: Plan | None = None
         self.stats_totals = {"prompt_tokens_total": 0, "generation_tokens_total": 0, "decode_dispatches": 0,
-                             "decode_iterations": 0, "slot_rows_uploaded": 0}
+                             "decode_iterations": 0, "slot_rows_uploaded": 0, "step_failures": 0}
+        self.healthy = True
         t_loaded = time.perf_counter()
         self.warmup_seconds = 0.0
         if config.warmup == "all":
@@ -135,10 +142,10 @@ class LLMEngine:
             self.runner.kv.warmup()
         self.timings = {"load_seconds": round(t_loaded - t_start, 3), "warmup_seconds": round(self.warmup_seconds, 3)}
         log.info("ferry: model %s (%s, %d layers), weights %s, KV %s, %d device / %d host pages of %d tokens, "
-                 "%d decode steps per dispatch, attention %s, warm-up %s: %s", self.model_name,
+                 "%d decode steps per dispatch, %s, warm-up %s: %s", self.model_name,
                  self.model_config.architecture if hasattr(self.model_config, "architecture") else "llama",
                  self.model_config.num_layers, jnp.dtype(dtype).name, jnp.dtype(kv_dtype).name, num_pages,
-                 host_pages, config.page_size, config.decode_steps, config.attn_impl, config.warmup,
+                 host_pages, config.page_size, config.decode_steps, self.kernels.summary(), config.warmup,
                  self.runner.program_stats())
 
     @classmethod
@@ -217,10 +224,47 @@ class LLMEngine:
         ``now`` (monotonic seconds) is the scheduler's clock; multi-host runs pass
         the leader's so every process makes the same decisions.
         """
+        if not self.healthy:                              # a previous recovery failed: try again first,
+            try:                                          # at most ten times a second
+                self._recover()
+            except Exception:
+                time.sleep(0.1)
+                raise
         now = time.monotonic() if now is None else now
         outputs, self._pending_final = self._pending_final, []
         if not self._requests:
             return outputs
+        try:
+            return outputs + self._step(now)
+        except Exception as exc:
+            log.exception("ferry: engine step failed; ending %d requests and rebuilding the KV cache",
+                          len(self._requests))
+            self.stats_totals["step_failures"] += 1
+            self._fail_all(f"engine step failed: {type(exc).__name__}: {exc}")
+            self._recover()
+            raise
+
+    def _fail_all(self, message: str) -> None:
+        """End every live request with finish reason "error" (their final outputs come with the next step)."""
+        for rid, req in list(self._requests.items()):
+            self.scheduler.abort(rid)
+            req.error = message
+            req.finish("error")
+            self._pending_final.append(req.output())
+        self._requests.clear()
+
+    def _recover(self) -> None:
+        """Rebuild what a failed program may have consumed: donated KV buffers and the slot state.
+
+        ``healthy`` is False from the failure until this returns (``/health`` answers 503)."""
+        self.healthy = False
+        self.kv.rebuild_device()
+        self.runner.reset_state()
+        self.slots.reset()
+        self.healthy = True
+
+    def _step(self, now: float) -> list[RequestOutput]:
+        outputs: list[RequestOutput] = []
         plan: Plan = self.scheduler.schedule(now)
         self.last_plan = plan
         if plan.swap_out:
@@ -274,7 +318,7 @@ class LLMEngine:
             fresh = self.slots.lookup(w.request_id) is None
             s = slot_of[w.request_id] = self.slots.bind(w.request_id, keep)
             last = w.start + w.num_tokens - 1                     # position of the row's input token
-            row = SlotRow(w.request_id, req.tokens[last], last, self.scheduler.block_table(w.request_id),
+            row = SlotRow(w.request_id, req.token_at(last), last, self.scheduler.block_table(w.request_id),
                           SamplingRow(req.params, req.seed, len(req.out_ids), req.stop_ids))
             pen = None
             if fresh and has_penalty(req.params):
@@ -295,23 +339,24 @@ class LLMEngine:
             req = self._requests[w.request_id]
             n = int(num_tokens[i])
             generated[w.request_id] = n
-            for j in range(n):
-                tok = int(tokens[j, i])
-                lp = None
-                if req.params.logprobs is not None:
-                    k = req.params.logprobs
-                    lp = TokenLogprob(tok, float(host[4][j, i]),
-                                      tuple(zip(host[5][j, i, :k].tolist(), host[6][j, i, :k].tolist())))
-                req.append(tok, lp, j == n - 1 and i in dev_done)
-                self.stats_totals["generation_tokens_total"] += 1
-                if req.finished:
-                    break
+            toks = tokens[:n, i].tolist()
+            lps = None
+            if req.params.logprobs is not None:
+                k = req.params.logprobs
+                lps = [TokenLogprob(toks[j], float(host[4][j, i]),
+                                    tuple(zip(host[5][j, i, :k].tolist(), host[6][j, i, :k].tolist())))
+                       for j in range(n)]
+            before = len(req.out_ids)
+            if n:
+                req.extend(toks, lps, i in dev_done)
+            self.stats_totals["generation_tokens_total"] += len(req.out_ids) - before
             if n:
                 progressed.append(w.request_id)
             if req.finished:
                 finished.append(w.request_id)
             elif n:
-                self.slots.advance(slot_of[w.request_id], req.tokens[-1], w.start + w.num_tokens - 1 + n,
+                self.slots.advance(slot_of[w.request_id], req.token_at(req.num_tokens - 1),
+                                   w.start + w.num_tokens - 1 + n,
                                    len(req.out_ids))
 
     # ------------------------------------------------------------------ metrics

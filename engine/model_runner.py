@@ -39,7 +39,7 @@ from ferry.engine.sampling import Penalties, SamplingBatch, sample
 from ferry.engine.slots import RowUpdate, SlotState, apply_rows, empty_state, set_penalties
 from ferry.kernels.compaction import nonzero
 from ferry.models.config import ModelConfig
-from ferry.models.llama import AttnMeta, Llama, logits
+from ferry.models.llama import AttnMeta, Llama, logits, op_impl
 
 
 @jax.tree_util.register_dataclass
@@ -162,29 +162,32 @@ class ModelRunner:
     in/out shardings: params as placed, KV pages split by KV head, the rest replicated."""
 
     def __init__(self, model_cfg: ModelConfig, params, ecfg: EngineConfig, kv: KVCache, dtype,
-                 guard: CompileGuard, mesh=None) -> None:
+                 guard: CompileGuard, mesh=None, kernels=None) -> None:
         self.cfg, self.params, self.ecfg, self.kv, self.guard = model_cfg, params, ecfg, kv, guard
         self.buckets: Buckets = ecfg.buckets()
         self.page_size = ecfg.page_size
         self.mesh = mesh
         self.K = ecfg.decode_steps
-        mk = lambda mode: Llama(model_cfg, mode=mode, dtype=dtype, attn_impl=ecfg.attn_impl, mesh=mesh)  # noqa: E731
-        comp = "pallas" if ecfg.attn_impl == "pallas" else "auto"       # "pallas": every kernel in Pallas
+        # ``kernels``: the engine's KernelChoice (kernels/selection.py), else one string for every op
+        kernels = kernels if kernels is not None else ecfg.attn_impl
+        mk = lambda mode: Llama(model_cfg, mode=mode, dtype=dtype, attn_impl=kernels, mesh=mesh)  # noqa: E731
+        comp = op_impl(kernels, "compaction") if not isinstance(kernels, str) else (
+            "pallas" if kernels == "pallas" else "auto")
         samp = dict(select=ecfg.sampling_select, compaction_impl=comp)
-        self._replicated = None
         pre_kw: dict = {"donate_argnums": (1, 2)}
         dec_kw: dict = {"donate_argnums": (1, 2, 3)}
         smp_kw: dict = {"donate_argnums": (0,)}
         upd_kw: dict = {"donate_argnums": (0,)}
         pen_kw: dict = {"donate_argnums": (0,)}
-        self.state = empty_state(ecfg.max_batch, ecfg.max_pages_per_seq, model_cfg.vocab_size)
+        self._replicated = None
+        self.reset_state()
         if mesh is not None:
             from jax.sharding import NamedSharding, PartitionSpec as P
             rep = self._replicated = NamedSharding(mesh, P())
             p_sh = jax.tree.map(lambda a: a.sharding, params)
             kvs = kv.sharding
             st = jax.tree.map(lambda _: rep, self.state)
-            self.state = jax.device_put(self.state, rep)
+            self.reset_state()
             pre_kw.update(in_shardings=(p_sh, kvs, kvs, rep), out_shardings=(rep, kvs, kvs))
             dec_kw.update(in_shardings=(p_sh, kvs, kvs, st, rep, rep), out_shardings=(kvs, kvs, st, rep))
             smp_kw.update(in_shardings=(st, rep, rep, rep), out_shardings=(st, rep))
@@ -199,6 +202,11 @@ class ModelRunner:
             "apply_rows": Program("apply_rows", jax.jit(apply_rows, **upd_kw)),
             "set_penalties": Program("set_penalties", jax.jit(set_penalties, **pen_kw)),
         }
+
+    def reset_state(self) -> None:
+        """A fresh slot state (after a failed program consumed the donated one)."""
+        state = empty_state(self.ecfg.max_batch, self.ecfg.max_pages_per_seq, self.cfg.vocab_size)
+        self.state = jax.device_put(state, self._replicated) if self._replicated is not None else state
 
     # ------------------------------------------------------------------ host -> device
     def _put(self, tree):

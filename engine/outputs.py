@@ -25,7 +25,8 @@ class RequestOutput:
     text / token_ids hold everything generated so far; delta_text /
     delta_token_ids only what this step added (for streaming).
     finish_reason: None while running, else "stop" (EOS, stop id or stop
-    string), "length" (max_tokens or context full) or "abort".
+    string), "length" (max_tokens or context full), "abort", or "error" (the engine step
+    holding it failed; ``error`` says why, and the engine went on serving).
     """
 
     request_id: str
@@ -40,6 +41,7 @@ class RequestOutput:
     timings: RequestTimings
     logprobs: tuple[TokenLogprob, ...] | None = None     # one per generated token, if asked
     delta_logprobs: tuple[TokenLogprob, ...] | None = None
+    error: str | None = None            # why the request ended, when finish_reason is "error"
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -25,6 +25,7 @@ class Request:
     first_token_time: float | None = None
     finish_time: float | None = None
     finish_reason: str | None = None
+    error: str | None = None               # message of an "error" finish
     _sent_text: int = 0                    # chars already returned as deltas
     _sent_ids: int = 0
     _stop_hold: int = dataclasses.field(default=0, init=False, repr=False)  # max(len(stop)) - 1
@@ -32,6 +33,15 @@ class Request:
     @property
     def tokens(self) -> list[int]:
         return self.prompt_ids + self.out_ids
+
+    def token_at(self, i: int) -> int:
+        """The token at position ``i`` (prompt, then output) without building ``tokens``."""
+        n = len(self.prompt_ids)
+        return self.prompt_ids[i] if i < n else self.out_ids[i - n]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.out_ids)
 
     @property
     def finished(self) -> bool:
@@ -62,6 +72,33 @@ class Request:
         if self.finished:
             return
         if device_done or len(self.out_ids) >= self.params.max_tokens:
+            self.finish("length", now)
+
+    def extend(self, tokens: list[int], logprobs: list[TokenLogprob] | None, device_done: bool) -> None:
+        """Add the tokens one multi-step dispatch produced for this request, with the same result as
+        ``append`` for each in turn: tokens after a stop id or past max_tokens are dropped. Requests
+        with stop strings go token by token (a stop string must cut the token ids where it ends);
+        the others detokenize the batch once."""
+        if self.params.stop:
+            for j, tok in enumerate(tokens):
+                self.append(tok, logprobs[j] if logprobs else None, device_done and j == len(tokens) - 1)
+                if self.finished:
+                    return
+            return
+        now = time.time()
+        if self.first_token_time is None:
+            self.first_token_time = now
+        stop_at = next((j for j, t in enumerate(tokens) if t in self.stop_ids), None)
+        room = self.params.max_tokens - len(self.out_ids)
+        take = min(len(tokens), room, len(tokens) if stop_at is None else stop_at + 1)
+        self.out_ids.extend(tokens[:take])
+        if logprobs:
+            self.logprobs.extend(logprobs[:take])
+        hit = stop_at is not None and stop_at < take
+        self._add_text(self.detok.add_many(tokens[:take - 1] if hit else tokens[:take]), now)
+        if hit:
+            self.finish("stop", now)
+        elif (device_done and take == len(tokens)) or len(self.out_ids) >= self.params.max_tokens:
             self.finish("length", now)
 
     def _add_text(self, new: str, now: float | None = None) -> None:
@@ -115,7 +152,7 @@ class Request:
             finished=self.finished, finish_reason=self.finish_reason,
             timings=RequestTimings(self.arrival, self.first_token_time, self.finish_time),
             logprobs=tuple(self.logprobs) if self.params.logprobs is not None else None,
-            delta_logprobs=delta_lp)
+            delta_logprobs=delta_lp, error=self.error)
 
 
 def find_stop_string(text: str, stops, start: int = 0) -> int | None:

@@ -106,6 +106,13 @@ class SlotTable:
         self._lru: dict[int, int] = {}             # slot -> last step it was used
         self._clock = 0
 
+    def reset(self) -> None:
+        """Forget every binding (the device state was rebuilt empty)."""
+        self.rows = [None] * self.num_slots
+        self.slot_of.clear()
+        self._dirty.clear()
+        self._pen_uploads.clear()
+
     def lookup(self, rid: str) -> int | None:
         return self.slot_of.get(rid)
 
@@ -123,7 +130,7 @@ class SlotTable:
             if not victims:
                 raise RuntimeError("more sequences in one step than batch slots")
             s = min(victims, key=lambda i: self._lru.get(i, -1))
-            del self.slot_of[self.rows[s].rid]
+            self.slot_of.pop(self.rows[s].rid, None)
         self.rows[s] = None
         self.slot_of[rid] = s
         return s

@@ -21,8 +21,9 @@ backends its kernel lowers for, the Pallas and reference callables (each takes t
 ``make_inputs`` and returns an array or a tuple of arrays) and a tolerance. The engine passes
 ``choice.impl(name)`` ("pallas" or "reference") as the ``impl=`` of that op's dispatcher.
 
-``python -m ferry.kernels.selection [--backend gpu] [--no-self-check] [--output FILE]`` prints
-the choice (the self-check entry of ``scripts/gpu_checks.sh``).
+``python -m ferry.kernels.selection [--backend gpu] [--no-self-check] [--with-mosaic-gpu] [--output FILE]``
+prints the choice (the self-check entry of ``scripts/gpu_checks.sh``). The Mosaic GPU decode
+variant (``PAGED_ATTENTION_MOSAIC_GPU``) is opt-in: not in ``OPS``, added with ``ops=``.
 """
 from __future__ import annotations
 
@@ -210,6 +211,22 @@ OPS: tuple[OpSpec, ...] = (
     OpSpec("compaction", ("gpu",), _compaction("pallas"), _compaction("reference"), _compaction_inputs, 0.0),
 )
 
+
+
+def _decode_mosaic_gpu(i):
+    """The Mosaic GPU decode variant (selectable, not in ``OPS``: see its module docstring)."""
+    from ferry.kernels import paged_attention_mosaic_gpu
+    from ferry.kernels.common import interpret
+    return paged_attention_mosaic_gpu.paged_attention(
+        i["q"], i["k_cache"], i["v_cache"], i["layer"], i["block_tables"], i["seq_lens"], interpret=interpret(),
+        **_attn_kw(i))
+
+
+# Opt-in: ``choose_kernels(..., ops=OPS + (PAGED_ATTENTION_MOSAIC_GPU,))`` self-checks it too (bf16/f16,
+# head dim a multiple of 64, page size dividing 64). No dispatcher routes to it yet.
+PAGED_ATTENTION_MOSAIC_GPU = OpSpec("paged_attention_mosaic_gpu", ("gpu",), _decode_mosaic_gpu,
+                                    _decode("reference"), _decode_inputs, 2e-2)
+
 _STATIC = ("scale", "soft_cap", "size")          # python values, not traced
 
 
@@ -302,6 +319,7 @@ def main(argv=None) -> int:
     ap.add_argument("--backend", default=None, help="default: jax.default_backend()")
     ap.add_argument("--no-self-check", action="store_true")
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--with-mosaic-gpu", action="store_true", help="also self-check the opt-in Mosaic GPU decode variant")
     ap.add_argument("--output", default=None, help="write the choice as JSON here")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -310,7 +328,8 @@ def main(argv=None) -> int:
     out = {"jax": jax.__version__, "device": str(jax.devices()[0]), "choices": []}
     for shape in shapes:
         t0 = time.perf_counter()
-        choice = choose_kernels(a.attn_impl, a.backend, not a.no_self_check, shape=shape)
+        ops = OPS + ((PAGED_ATTENTION_MOSAIC_GPU,) if a.with_mosaic_gpu else ())
+        choice = choose_kernels(a.attn_impl, a.backend, not a.no_self_check, shape=shape, ops=ops)
         print(f"[{shape.q_heads}q/{shape.kv_heads}kv heads, Dh {shape.head_dim}, {jnp.dtype(shape.dtype).name}] "
               f"{choice.summary()}  ({time.perf_counter() - t0:.1f} s)", flush=True)
         for o in choice.ops:

@@ -90,12 +90,20 @@ def _normal(key, shape, dtype=jnp.float32):
     return jax.random.normal(key, shape, dtype) * 0.02
 
 
+def op_impl(impl, op: str) -> str:
+    """``impl``: one string for every op ("auto" | "reference" | "pallas"), or the engine's
+    ``KernelChoice`` (kernels/selection.py), resolved once per engine, per op."""
+    return impl if isinstance(impl, str) else impl.impl(op)
+
+
 def _attend_local(q, k, v, k_cache, v_cache, meta: AttnMeta, positions, *, layer, mode, scale, impl):
-    k_cache, v_cache = write_kv(k_cache, v_cache, layer, k, v, meta.slot_mapping, impl=impl)
+    k_cache, v_cache = write_kv(k_cache, v_cache, layer, k, v, meta.slot_mapping, impl=op_impl(impl, "kv_write"))
     if mode == "decode":
-        o = paged_attention(q, k_cache, v_cache, layer, meta.block_tables, meta.seq_lens, scale=scale, impl=impl)
+        o = paged_attention(q, k_cache, v_cache, layer, meta.block_tables, meta.seq_lens, scale=scale,
+                            impl=op_impl(impl, "paged_attention"))
     else:
-        o = prefill_attention(q, k_cache, v_cache, layer, meta.block_tables[0], positions, scale=scale, impl=impl)
+        o = prefill_attention(q, k_cache, v_cache, layer, meta.block_tables[0], positions, scale=scale,
+                              impl=op_impl(impl, "prefill_attention"))
     return o, k_cache, v_cache
 
 
@@ -130,7 +138,7 @@ class DecoderLayer(nn.Module):
     layer: int
     mode: str                      # "prefill" | "decode"
     dtype: Any = jnp.float32
-    attn_impl: str = "auto"
+    attn_impl: Any = "auto"            # a string, or the engine's KernelChoice (see op_impl)
     mesh: Any = None               # jax.sharding.Mesh for tensor parallel (attention runs per shard)
 
     @nn.compact
@@ -166,7 +174,7 @@ class Llama(nn.Module):
     cfg: ModelConfig
     mode: str = "decode"
     dtype: Any = jnp.float32
-    attn_impl: str = "auto"
+    attn_impl: Any = "auto"            # a string, or the engine's KernelChoice (see op_impl)
     mesh: Any = None
 
     @nn.compact

@@ -8,8 +8,8 @@ For each batch size B, both engines generate exactly --new-tokens tokens
 (EOS ignored, greedy) for B copies of a prompt. Reported: generated tokens per
 second of wall time, prefill included (the same work for both), Ferry's
 decode-only rate, and the ratio. With --shape, the memory roofline at every
-batch size (``B * copy bandwidth / weight bytes``: the weights are read once per
-decode step, which yields B tokens; the HBM copy bandwidth is measured in the
+batch size (``B * copy bandwidth / weight bytes``: the weights, less an untied
+embedding table, are read once per decode step, which yields B tokens; the HBM copy bandwidth is measured in the
 same run, before the engines start) and the fraction of it Ferry's decode rate
 reaches (``rows[i]["roofline_tok_s"]``, ``rows[i]["roofline_fraction"]``).
 On a GPU the HF model is built on the GPU and its inputs are put on the
@@ -109,6 +109,16 @@ def copy_bandwidth(nbytes: int = 2**30, iters: int = 20) -> float:
     return 2 * nbytes * iters / best
 
 
+def weight_bytes_per_step(params: dict) -> int:
+    """Bytes of weights one decode step must read: all of them, except an untied embedding table
+    (only the B looked-up rows of it are read; with tied embeddings the LM head reads it whole)."""
+    import jax
+    total = sum(x.nbytes for x in jax.tree.leaves(params))
+    if "lm_head" in params and "embed" in params:
+        total -= params["embed"].nbytes
+    return total
+
+
 def add_roofline(result: dict, bw: float, weight_bytes: int) -> None:
     """Memory roofline per row: B tokens per step, weights read once per step at ``bw`` bytes/s."""
     result["copy_bandwidth_gbs"] = bw / 1e9
@@ -161,7 +171,7 @@ def main() -> int:
             r["ratio"] = r["ferry"]["tok_s"] / r["hf"]["tok_s"]
         rows.append(r)
         if args.shape:
-            add_roofline(result, bw, sum(x.nbytes for x in jax.tree.leaves(llm.engine.params)))
+            add_roofline(result, bw, weight_bytes_per_step(llm.engine.params))
             print(f"[bench] batch {b}: ferry decode {r['ferry']['decode_tok_s']:.1f} tok/s = "
                   f"{100 * r['roofline_fraction']:.1f}% of the roofline ({r['roofline_tok_s']:.0f} tok/s)", flush=True)
         if args.output:

@@ -76,22 +76,22 @@ def measure(K: int, batches: list[int], tokens: int, cache_dir: str) -> dict:
         engine_ms = (time.perf_counter() - t) / (tokens - n0) * 1e3
         # device-only floor: the same decode program back to back on live slots, no host work between
         runner = eng.runner
-        slots = list(range(B))
+        from ferry.engine.sampling import SamplingRow
+        from ferry.engine.slots import SlotRow
+        slots = [eng.slots.bind(f"floor{i}", set()) for i in range(B)]
         for s in slots:                                   # rows that never stop (max_tokens large)
-            from ferry.engine.sampling import SamplingRow
-            from ferry.engine.slots import SlotRow
-            eng.slots.write(s, SlotRow(f"floor{s}", 5, 8, list(range(1, 2 + (8 + tokens) // eng.config.page_size)),
+            eng.slots.write(s, SlotRow(f"floor{s}", 5, 8, list(range(1, 2 + (16 + tokens) // eng.config.page_size)),
                                        SamplingRow(SamplingParams(temperature=0, max_tokens=10**6), 0, 0)), None)
         runner.apply_updates(*eng.slots.take_updates())
-        reps = max(4, 64 // K)
-        jax.block_until_ready(runner.decode(slots, 8, K).tokens)
+        reps = (tokens - 8) // K                          # the same contexts as the engine run: 8 .. tokens
+        jax.block_until_ready(runner.decode(slots, 8, 1).tokens)
         t = time.perf_counter()
         for i in range(reps):
-            o = runner.decode(slots, 8 + (i + 1) * K, K)
+            o = runner.decode(slots, 9 + i * K, K)
         jax.block_until_ready(o.tokens)
         floor_ms = (time.perf_counter() - t) / (reps * K) * 1e3
-        for s in slots:
-            eng.slots.release(f"floor{s}")
+        for i in range(B):
+            eng.slots.release(f"floor{i}")
         out[B] = {"engine_ms_per_step": round(engine_ms, 4), "device_floor_ms_per_step": round(floor_ms, 4),
                   "host_ms_per_step": round(engine_ms - floor_ms, 4), "dispatches": steps}
         print(f"K={K:2d} B={B:3d}: engine {engine_ms:7.3f} ms/step  floor {floor_ms:7.3f}  "

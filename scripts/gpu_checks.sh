@@ -5,7 +5,8 @@
 #
 # 1. JAX must see a GPU: otherwise it exits at once (status 2) and measures nothing.
 # 2. Kernel self-check (python -m ferry.kernels.selection): each Pallas kernel compiled and compared
-#    with its reference, as the engine does at start-up; a fallback is reported, not fatal.
+#    with its reference, as the engine does at start-up (plus the opt-in Mosaic GPU decode variant);
+#    a fallback is reported, not fatal.
 # 3. Kernel benchmarks (scripts/bench_kernels.py), one process per section, attention first.
 # 4. Sampling benchmark at Llama-3's vocabulary (synthetic logits: no weights on the device).
 # 5. Decode benchmarks, Llama-3.2-1B shape (Ferry and HF) then Llama-3-8B shape (Ferry only),
@@ -56,7 +57,7 @@ step() {
     echo "$name $rc $((SECONDS - t0))" >> "$out/steps.txt"
 }
 
-step selfcheck 60 python -m ferry.kernels.selection --output "$out/selection_$tag.json"
+step selfcheck 60 python -m ferry.kernels.selection --with-mosaic-gpu --output "$out/selection_$tag.json"
 step kernels_attention 110 python scripts/bench_kernels.py --sections attention --output "$out/kernels_attention_$tag.json"
 step kernels_compaction 35 python scripts/bench_kernels.py --sections compaction --output "$out/kernels_compaction_$tag.json"
 step kernels_kv_write 35 python scripts/bench_kernels.py --sections kv_write --output "$out/kernels_kv_write_$tag.json"

@@ -73,10 +73,15 @@ def lines(folder: str) -> list[Line]:
     for d in _load(folder, "selection_*.json"):
         for c in d.get("choices", []):
             shape = c.get("shape", {})
-            fallbacks = [o["name"] for o in c.get("ops", []) if o.get("reason", "").startswith("self-check failed")]
-            out.append(Line(f"self-check, {shape.get('q_heads')}q/{shape.get('kv_heads')}kv Dh {shape.get('head_dim')}"
-                            f" {shape.get('dtype')}: fallbacks " + (",".join(fallbacks) or "none"),
+            failed = [o["name"] for o in c.get("ops", []) if o.get("reason", "").startswith("self-check failed")]
+            fallbacks = [n for n in failed if not n.endswith("mosaic_gpu")]      # the Mosaic variant is opt-in
+            label = f"self-check, {shape.get('q_heads')}q/{shape.get('kv_heads')}kv Dh {shape.get('head_dim')} {shape.get('dtype')}"
+            out.append(Line(f"{label}: fallbacks " + (",".join(fallbacks) or "none"),
                             "0 fallbacks", float(len(fallbacks)), "ops", not fallbacks))
+            for o in c.get("ops", []):
+                if o["name"].endswith("mosaic_gpu"):
+                    out.append(Line(f"{label}: {o['name']} -> {o['impl']} ({o.get('reason', '')[:60]})", "",
+                                    1.0 if o["impl"] == "pallas" else 0.0, "kept", None))
     if not any(x.what.startswith("self-check") for x in out):
         out.append(Line("kernel self-check", "0 fallbacks", None, "ops", None))
     k = _kernels(folder)
@@ -90,14 +95,19 @@ def lines(folder: str) -> list[Line]:
                          r.get("ferry_over_jax_deprecated"), 2, "x"))
     r = _row(pa, B=1, L=4096)
     out.append(_at_most("paged attn B=1 L=4096, time over bandwidth floor", "<= 2x", r.get("ferry_over_floor"), 2, "x"))
+    out.append(_at_most("paged attn B=1 L=4096, same net of loop overhead", "<= 2x", r.get("ferry_net_over_floor"),
+                        2, "x"))
     for r in pa:
-        for name in ("ferry", "xla_ref", "jax_deprecated", "cudnn"):
+        out.append(Line(f"paged attn B={r['B']} L={r['L']}: Mosaic GPU / Triton speed-up", "> 1: make default",
+                        r.get("mosaic_gpu_over_triton"), "x", None))
+        for name in ("ferry", "ferry_mosaic_gpu", "xla_ref", "jax_deprecated", "cudnn"):
             err = r.get(f"{name}_error")
             why = f" ({err[:60]})" if err and not r.get(f"{name}_GBps") else ""
             out.append(Line(f"paged attn B={r['B']} L={r['L']}: {name}{why}", "", r.get(f"{name}_GBps"), "GB/s", None))
     r = _row(k["compaction"], n=1 << 24)
     out.append(_at_least("compaction n=2^24, speed-up over jnp.nonzero", ">= 10x", r.get("speedup"), 10, "x"))
     out.append(_at_most("compaction n=2^24, time over bandwidth floor", "<= 2x", r.get("ferry_over_floor"), 2, "x"))
+    out.append(_at_most("compaction n=2^24, same net of loop overhead", "<= 2x", r.get("ferry_net_over_floor"), 2, "x"))
     for r in k["kv_write"]:
         out.append(Line(f"K/V write T={r['T']}: ferry / XLA scatter speed-up", "", r.get("ferry_speedup_vs_xla"), "x", None))
     for r in k["prefill_attention"]:

@@ -8,6 +8,7 @@ Per cell: avg / p50 / p95 / p99 JCT, avg TTFT, swap pages per policy, and the ra
 MLFQ/oracle. Writes the JSON (with the command line and the machine), a Markdown table next to it
 (``.md``) and one heat-map PNG per metric (``<plots>_<metric>.png``: MLFQ/FCFS and MLFQ/oracle).
 ``--smoke`` runs 4 tiny cells (seconds; CI runs it in tests/scheduler/test_sweep.py).
+``--base-quantum/--starve-limit/--tail-slack`` override the MLFQ defaults (for a baseline run only).
 """
 import argparse
 import dataclasses
@@ -74,20 +75,20 @@ def pages_for(trace, memory: str) -> int:
     return max(max(per) + 1, round(0.8 * MAX_BATCH * sum(per) / len(per)) + 1)
 
 
-def config(policy: str, pages: int) -> SchedulerConfig:
+def config(policy: str, pages: int, mlfq: dict | None = None) -> SchedulerConfig:
     return SchedulerConfig(max_batch=MAX_BATCH, max_tokens_per_step=MAX_BATCH + CHUNK, max_prefill_chunk=CHUNK,
                            page_size=PAGE, num_device_pages=pages, num_host_pages=HOST_PAGES, policy=policy,
-                           cost_model=GPU)
+                           cost_model=GPU, **(mlfq or {}))
 
 
-def run_cell(cell: Cell, jobs: int, seed: int) -> dict:
+def run_cell(cell: Cell, jobs: int, seed: int, mlfq: dict | None = None) -> dict:
     mix = next(m for m in MIXES if m.name == cell.mix)
     trace = generate(jobs, load=cell.load, arrival=cell.arrival, cv=cell.cv, max_batch=MAX_BATCH, cost=GPU,
                      seed=seed, chunk=CHUNK, **mix.gen)
     pages = pages_for(trace, cell.memory)
     out = {"cell": dataclasses.asdict(cell), "device_pages": pages}
     for pol in POLICIES:
-        res, stats = simulate(trace, config(pol, pages))
+        res, stats = simulate(trace, config(pol, pages, mlfq if pol == "mlfq" else None))
         s = summarize(res, stats)
         s["swap_pages"] = s.get("swap_out_pages", 0) + s.get("swap_in_pages", 0)
         out[pol] = s
@@ -179,20 +180,25 @@ def main(argv=None):
     ap.add_argument("--output", default="benchmarks/results/sweep_scheduler.json")
     ap.add_argument("--plots", default=None, help="heat-map path prefix (default: the output without .json)")
     ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--base-quantum", type=float, default=None, help="MLFQ override (default: derived)")
+    ap.add_argument("--starve-limit", type=float, default=None, help="MLFQ override (default: none)")
+    ap.add_argument("--tail-slack", type=float, default=None, help="MLFQ override (default: SchedulerConfig's)")
     a = ap.parse_args(argv)
     jobs = 60 if a.smoke else a.jobs
     todo = cells(a.smoke)
+    mlfq = {k: v for k, v in (("base_quantum", a.base_quantum), ("starve_limit", a.starve_limit),
+                              ("tail_slack", a.tail_slack)) if v is not None}
     t0 = time.perf_counter()
     if a.procs > 1:
         with ProcessPoolExecutor(a.procs) as ex:
-            rows = list(ex.map(run_cell, todo, [jobs] * len(todo), [a.seed] * len(todo)))
+            rows = list(ex.map(run_cell, todo, [jobs] * len(todo), [a.seed] * len(todo), [mlfq] * len(todo)))
     else:
-        rows = [run_cell(c, jobs, a.seed) for c in todo]
+        rows = [run_cell(c, jobs, a.seed, mlfq) for c in todo]
     out = {"command": "python " + " ".join([os.path.relpath(__file__)] + list(argv if argv is not None else
                                                                               sys.argv[1:])),
            "machine": f"{platform.machine()} VM, {os.cpu_count()} CPU cores, no accelerator; discrete-event "
                       f"simulator (pure Python), GPU-like cost model {dataclasses.asdict(GPU)}",
-           "python": platform.python_version(), "jobs_per_cell": jobs, "seed": a.seed, "max_batch": MAX_BATCH,
+           "python": platform.python_version(), "jobs_per_cell": jobs, "mlfq_overrides": mlfq, "seed": a.seed, "max_batch": MAX_BATCH,
            "page_size": PAGE, "chunk": CHUNK, "wall_s": round(time.perf_counter() - t0, 1),
            "targets": targets(rows), "cells": rows}
     os.makedirs(os.path.dirname(os.path.abspath(a.output)), exist_ok=True)

@@ -181,6 +181,11 @@ class AsyncEngine:
         """True while the loop thread runs and new requests are accepted."""
         return self._thread.is_alive() and not self._closed
 
+    @property
+    def is_healthy(self) -> bool:
+        """Alive, and the engine can serve (False while it rebuilds after a failed step)."""
+        return self.is_alive and bool(getattr(self._engine, "healthy", True))
+
     # -- caller API ---------------------------------------------------------------
     async def add_request(self, prompt: str | Sequence[int], params: SamplingParams,
                           request_id: str | None = None, priority: int = 0) -> RequestStream:

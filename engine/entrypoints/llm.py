@@ -94,7 +94,8 @@ class LLM:
              ) -> list[RequestOutput]:
         """Apply the model's chat template to one conversation (or many) and generate."""
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        prompts = [self.tokenizer.apply_chat_template(m, add_generation_prompt=True) for m in convs]
+        # ids as transformers' apply_chat_template(tokenize=True): BOS only where the template renders it
+        prompts = [self.tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=True) for m in convs]
         return self.generate(prompts, params)
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:

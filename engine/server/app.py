@@ -56,6 +56,9 @@ def build_app(async_engine: AsyncEngine, model_name: str | None = None,
     async def health() -> Response:
         if not async_engine.is_alive:
             raise APIError(503, "the engine is not running", "server_error", code="engine_down")
+        if not getattr(async_engine, "is_healthy", True):
+            raise APIError(503, "the engine is recovering from a failed step", "server_error",
+                           code="engine_recovering")
         return JSONResponse({"status": "ok"})
 
     @app.get("/v1/models")

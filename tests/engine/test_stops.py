@@ -188,3 +188,21 @@ def test_matches_a_reference_on_any_token_stream(tokens, stops, max_tokens, eos_
         assert req.finish_reason == "stop"
     elif used[-1] != EOS:
         assert req.finish_reason == "length"
+
+
+def test_detokenizer_window_stays_short_across_invisible_tokens():
+    """Tokens that decode to nothing (skipped special tokens) must not grow the decode window."""
+    decoded = []
+
+    class Counting(BytesTok):
+        def decode(self, ids, skip_special_tokens=True):
+            decoded.append(len(ids))
+            return super().decode(ids, skip_special_tokens)
+
+    detok = IncrementalDetokenizer(Counting())
+    n = 2000
+    text = detok.add(ord("a")) + "".join(detok.add(299) for _ in range(n)) + detok.add(ord("b")) + detok.flush()
+    assert text == "ab"                                                  # positive control: the text is intact
+    assert max(decoded) <= 8 and sum(decoded) <= 16 * (n + 2)            # not ~n**2 / 2 tokens decoded
+    detok = IncrementalDetokenizer(Counting())                           # a split character is still held back
+    assert detok.add(0xC3) == "" and detok.add(299) == "" and detok.add(0xA9) == "\u00e9"

@@ -50,6 +50,7 @@ def test_smoke_runs_every_section_and_checks_before_timing(smoke):
     for name in ("jax_deprecated", "cudnn"):
         assert (pa[f"{name}_us"] or 0) > 0 or pa[f"{name}_error"].startswith(("unavailable: ", "wrong result"))
     assert pa["cudnn_us"] is None and pa["cudnn_error"].startswith("unavailable: ")
+    assert pa["ferry_mosaic_gpu_rel_err"] < 2e-2 and pa["ferry_mosaic_gpu_us"] > 0      # Mosaic GPU interpret mode
     [pf] = saved["prefill_attention"]
     assert pf["ferry_rel_err"] < 2e-2 and pf["ferry_us"] > 0 and pf["xla_ref_us"] > 0 and pf["rotation_sets"] >= 2
     for kv in saved["kv_write"]:
@@ -71,3 +72,20 @@ def test_json_is_written_after_each_section(tmp_path, monkeypatch):
     saved = json.loads(out.read_text())
     assert saved["sections_done"] == ["prefill"] and len(saved["prefill_attention"]) == 1
     assert saved["compaction"] == [] and saved["copy_GBps"] > 0
+
+
+def test_decode_roofline_per_batch():
+    """scripts/bench_decode.py --shape: roofline at batch B = B * bandwidth / weight bytes per step (an
+    untied embedding table is not read whole; a tied one is, as the LM head), fraction = decode rate / it."""
+    from scripts.bench_decode import add_roofline, weight_bytes_per_step
+    rng = np.random.default_rng()
+    V, D = int(rng.integers(10, 50)), int(rng.integers(2, 9))
+    layer = {"w": np.zeros((D, D), np.float32)}
+    untied = {"embed": np.zeros((V, D), np.float32), "lm_head": np.zeros((D, V), np.float32), "layer_0": layer}
+    tied = {"embed": np.zeros((V, D), np.float32), "layer_0": layer}
+    assert weight_bytes_per_step(untied) == weight_bytes_per_step(tied) == 4 * (V * D + D * D)
+    result = {"rows": [{"batch": b, "ferry": {"decode_tok_s": 50.0 * b}} for b in (1, 16, 64)]}
+    add_roofline(result, bw=1000.0, weight_bytes=10)
+    assert [r["roofline_tok_s"] for r in result["rows"]] == [100.0, 1600.0, 6400.0]
+    assert [r["roofline_fraction"] for r in result["rows"]] == [0.5, 0.5, 0.5]
+    assert result["roofline_fraction_batch1"] == 0.5 and result["copy_bandwidth_gbs"] == 1e-6

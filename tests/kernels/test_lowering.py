@@ -479,3 +479,75 @@ def test_tpu_variant_lowers_to_mosaic(mosaic_modules, kind, S, G, Dh):
             assert m.count(f"window_bounds = array<i64: 1, 1, {G}, {Dh}>") == 2         # q, out
             assert m.count("tpu.matmul") == 2
             assert ("math.tanh" in m) == (cap is not None)
+
+
+# ----------------------------------------------------------------------------- Mosaic GPU decode variant
+MOSAIC_GPU = "mosaic_gpu_v2"
+
+
+def _mosaic_gpu_module(op) -> str:
+    """The NVVM-level module a ``mosaic_gpu_v2`` custom call carries (bytecode, serialized by Mosaic
+    GPU's serde pass; deserialized here with that pass, so the text names the PTX it will become)."""
+    from jax._src.lib.mlir import passmanager
+    from jax.experimental.mosaic.gpu import dialect as mgpu_dialect
+    cfg = ir.DictAttr(op.attributes["mhlo.backend_config"])
+    ctx = jax_mlir.make_ir_context()
+    mgpu_dialect.register_dialect(ctx)
+    ctx.allow_unregistered_dialects = True
+    with ctx:
+        module = ir.Module.parse(ir.StringAttr(cfg["module"]).value_bytes)
+        passmanager.PassManager.parse("builtin.module(mosaic_gpu-serde{serialize=false})", ctx).run(module.operation)
+        return str(module)
+
+
+def _walk(module):
+    """Every operation of ``module``, nested regions included."""
+    def visit(op):
+        for region in op.regions:
+            for block in region.blocks:
+                for o in block.operations:
+                    yield o
+                    yield from visit(o.operation)
+    yield from visit(module.operation)
+
+
+def _lower_mgpu(args, **kw):
+    from ferry.kernels.paged_attention_mosaic_gpu import paged_attention as mgpu_paged_attention
+    return _lower(lambda q, k, v, bt, sl, layer: mgpu_paged_attention(q, k, v, layer, bt, sl, scale=0.1, **kw), *args)
+
+
+@pytest.mark.parametrize("dt", ["bf16", "f16"])
+@pytest.mark.parametrize("S", [16, 32, 64])
+@pytest.mark.parametrize("G,Dh", [(1, 128), (4, 128), (8, 64)])
+def test_mosaic_gpu_variant_lowers_for_hopper(G, Dh, S, dt):
+    """Pallas -> Mosaic GPU -> NVVM on the CPU host, for sm_90: one ``mosaic_gpu_v2`` launch taking q
+    padded to 64 rows, the caches whole (no per-layer copy) and one 128-byte-aligned meta row per batch
+    row; inside, the TMA copies (meta, q, then K and V one page each: the prologue fills the ring, the
+    loop refills one slot), one TMA store, and WGMMA m64 instructions for q @ K^T (K = Dh) and p @ V
+    (K = 64 tokens); tanh only with the soft cap; for 1 and 3 ring slots."""
+    dtype, ir_t = {"bf16": (jnp.bfloat16, "bf16"), "f16": (jnp.float16, "f16")}[dt]
+    B, Hkv, P_max = 3, 2, 24
+    args = _pa_args(B, G * Hkv, Hkv, Dh, S, P_max, dtype)
+    ppb = 64 // S
+    for steps, cap in ((1, None), (3, 30.0)):
+        lowered = _lower_mgpu(args, max_concurrent_steps=steps, soft_cap=cap)
+        module = lowered.compiler_ir("stablehlo")                         # keeps the ops below alive
+        ops = [o for o in _walk(module) if o.operation.name == "stablehlo.custom_call"
+               and ir.StringAttr(o.attributes["call_target_name"]).value == MOSAIC_GPU]
+        assert len(ops) == 1 and not launches(lowered, target=TRITON)
+        op = ops[0]
+        types = [str(x.type) for x in op.operands]
+        P = B * P_max + 1
+        assert types[:3] == [f"tensor<{B}x{Hkv}x64x{Dh}x{ir_t}>", f"tensor<2x{Hkv}x{P}x{S}x{Dh}x{ir_t}>",
+                             f"tensor<2x{Hkv}x{P}x{S}x{Dh}x{ir_t}>"]
+        width = int(re.match(rf"tensor<{B}x(\d+)xi32>", types[3]).group(1))
+        assert width % 32 == 0 and width >= 4 + P_max and len(types) == 4
+        assert [str(r.type) for r in op.results] == [f"tensor<{B}x{Hkv}x64x{Dh}x{ir_t}>"]
+        m = _mosaic_gpu_module(op)
+        assert "mosaic_gpu.arch_major = 9" in m and "mosaic_gpu.arch_minor = 0" in m
+        loads = m.count("nvvm.cp.async.bulk.tensor.shared.cluster.global")
+        assert loads == m.count("nvvm.mbarrier.arrive.expect_tx") == 2 + 2 * ppb * (steps + 1), loads
+        assert m.count("nvvm.cp.async.bulk.tensor.global.shared.cta") == 1           # the output tile
+        mma = re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n(\d+)k16", m)
+        assert sorted(mma) == sorted(["64"] * (Dh // 16) + [str(Dh)] * 4), mma    # q @ K^T, p @ V
+        assert ("tanh" in m) == (cap is not None)

@@ -70,7 +70,7 @@ def test_rejects_what_it_cannot_lower():
         paged_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), 0, tables, lens,
                         scale=0.1, interpret=True)
     with pytest.raises(ValueError, match="page size"):
-        paged_attention(q, k.reshape(2, 2, -1, 128, 64)[:, :, :1], v.reshape(2, 2, -1, 128, 64)[:, :, :1], 0,
-                        tables, lens, scale=0.1, interpret=True)
+        big = jnp.zeros((2, 2, 3, 128, 64), jnp.bfloat16)             # page 128 > the 64-token block
+        paged_attention(q, big, big, 0, tables, lens, scale=0.1, interpret=True)
     out = paged_attention(q, k, v, 0, tables, lens, scale=0.1, interpret=True)
     assert out.shape == q.shape

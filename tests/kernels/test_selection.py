@@ -15,7 +15,8 @@ import pytest
 from ferry.kernels import (compaction_pallas, kv_write_pallas, paged_attention_pallas,
                            prefill_attention_pallas)
 from ferry.kernels.paged_attention import paged_attention
-from ferry.kernels.selection import OPS, CheckShape, KernelChoice, OpSpec, choose_kernels, main
+from ferry.kernels.selection import (OPS, PAGED_ATTENTION_MOSAIC_GPU, CheckShape, KernelChoice, OpSpec, choose_kernels,
+                                    main)
 
 NAMES = [s.name for s in OPS]
 
@@ -166,3 +167,17 @@ def test_cli_prints_the_choice(tmp_path, capsys):
     assert text.count("kernels (cpu, attn_impl=auto)") == 2 and all(n in text for n in NAMES)
     data = json.loads(out.read_text())
     assert [o["impl"] for o in data["choices"][0]["ops"]] == ["reference"] * len(OPS)
+
+
+def test_mosaic_gpu_variant_is_opt_in_and_self_checked(caplog, monkeypatch):
+    """The Mosaic GPU decode variant is not in the default table; added to it, it is self-checked like
+    any op (Mosaic GPU interpret mode on this host): kept when healthy, replaced when it raises."""
+    pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.params")
+    assert PAGED_ATTENTION_MOSAIC_GPU.name not in NAMES
+    caplog.set_level(logging.INFO, logger="ferry")
+    choice = choose_kernels("auto", backend="gpu", ops=(PAGED_ATTENTION_MOSAIC_GPU,), seed=_seed())
+    assert choice.impl("paged_attention_mosaic_gpu") == "pallas" and _warnings(caplog) == []
+    from ferry.kernels import paged_attention_mosaic_gpu
+    monkeypatch.setattr(paged_attention_mosaic_gpu, "paged_attention", _raising)
+    choice = choose_kernels("auto", backend="gpu", ops=(PAGED_ATTENTION_MOSAIC_GPU,), seed=_seed())
+    assert choice.impl("paged_attention_mosaic_gpu") == "reference" and len(_warnings(caplog)) == 1

@@ -173,3 +173,19 @@ def test_positive_controls(server):
     assert good.status_code == 200
     with pytest.raises(AssertionError):
         _check_error_body(good)
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+def test_found_by_fuzzing_unpaired_surrogates_and_stop_id_limit(server, endpoint):
+    """Regression: an unpaired surrogate in any string (model, messages, prompt, stop) was a 500;
+    more stop ids than the device checks were silently dropped. Both are 400s naming the field now."""
+    client, eng, aeng = server
+    valid = json.dumps(VALID[endpoint])[:-1]                    # without the closing brace
+    for field, raw in (("model", r'"\ud800"'), ("stop", r'["a\udfff"]'), ("user", r'"\udc80"')):
+        r = _send(client, endpoint, f'{valid}, "{field}": {raw}}}'.encode(), "application/json")
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+        assert "surrogate" in r.json()["error"]["message"]
+    r = client.post(endpoint, json={**VALID[endpoint], "stop_token_ids": list(range(10, 19))})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stop_token_ids", r.text
+    r = client.post(endpoint, json={**VALID[endpoint], "stop_token_ids": list(range(10, 17))})   # positive control
+    assert r.status_code == 200, r.text
