@@ -130,6 +130,8 @@ class EngineConfig:
                                   "scheduling")
     decode_steps: int = _opt(8, "most decode iterations per dispatch when no prefill waits (multi-step "
                                 "decode on device; a new arrival waits at most one such dispatch)", "scheduling")
+    dispatch_ahead: bool = _opt(True, "while a multi-step decode runs, dispatch the next one before reading "
+                                      "its tokens (the host's work overlaps the device's)", "scheduling")
     warmup: str = _opt("all", "compile every bucket program at start-up (all) or each on first use (lazy; "
                               "the compile guard then only logs)", "kernels", choices=("all", "lazy"))
     min_decode_context: int = _opt(64, "smallest decode context bucket (more buckets: less attention work)")

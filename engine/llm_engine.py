@@ -133,6 +133,7 @@ class LLMEngine:
         self.stats_totals = {"prompt_tokens_total": 0, "generation_tokens_total": 0, "decode_dispatches": 0,
                              "decode_iterations": 0, "slot_rows_uploaded": 0, "step_failures": 0}
         self.healthy = True
+        self._inflight = None              # (items, outputs) of a dispatch not read yet (dispatch-ahead)
         t_loaded = time.perf_counter()
         self.warmup_seconds = 0.0
         if config.warmup == "all":
@@ -233,6 +234,7 @@ class LLMEngine:
         now = time.monotonic() if now is None else now
         outputs, self._pending_final = self._pending_final, []
         if not self._requests:
+            self._inflight = None                         # its requests were all aborted
             return outputs
         try:
             return outputs + self._step(now)
@@ -258,13 +260,16 @@ class LLMEngine:
 
         ``healthy`` is False from the failure until this returns (``/health`` answers 503)."""
         self.healthy = False
+        self._inflight = None
         self.kv.rebuild_device()
         self.runner.reset_state()
         self.slots.reset()
         self.healthy = True
+        self._inflight = None              # (items, outputs) of a dispatch not read yet (dispatch-ahead)
 
     def _step(self, now: float) -> list[RequestOutput]:
         outputs: list[RequestOutput] = []
+        prev, self._inflight = self._inflight, None
         plan: Plan = self.scheduler.schedule(now)
         self.last_plan = plan
         if plan.swap_out:
@@ -283,28 +288,58 @@ class LLMEngine:
                              self.scheduler.block_table(req.request_id))
             out = self.runner.prefill(row, slot_of[item.request_id] if item.sample else None)
             if out is not None:
-                dispatched.append(([item], out))
+                dispatched.append((tuple([item]), out))
         decodes = plan.decode_items
         if decodes:
             out = self.runner.decode([slot_of[w.request_id] for w in decodes], max(w.start for w in decodes),
                                      plan.decode_steps)
-            dispatched.append((list(decodes), out))
+            dispatched.append((decodes, out))
+        if prev is not None:                              # ran ahead: read it while this one computes
+            self._collect([prev], outputs, released_by_scheduler=False)
+        t = now if self._fixed_clock else time.monotonic()
+        if self.config.dispatch_ahead and decodes and plan.decode_steps > 1 and len(dispatched) == 1:
+            # Steady multi-step decode: charge the tokens the dispatch will produce now (a row stops
+            # early only on a stop id, which finishes it), and read them during the next step.
+            predicted = {}
+            for w in decodes:
+                job = self.scheduler.jobs.get(w.request_id)       # None: finished at the read above
+                if job is not None:
+                    predicted[w.request_id] = max(1, min(plan.decode_steps, job.max_tokens - job.generated))
+            self.scheduler.on_step_done(plan, t, generated=predicted)
+            self._inflight = dispatched[0]
+            return outputs
+        self._collect(dispatched, outputs, released_by_scheduler=True, plan=plan, now=t)
+        return outputs
+
+    def _collect(self, dispatched, outputs: list[RequestOutput], released_by_scheduler: bool,
+                 plan: Plan | None = None, now: float | None = None) -> list[str]:
+        """Read dispatches in order, append their tokens, end finished requests.
+
+        ``released_by_scheduler``: the plan's ``on_step_done`` is called here with the real counts
+        (and releases the finished); else it was called at dispatch time with predicted counts and
+        the finished are released one by one."""
         generated: dict[str, int] = {}
         finished: list[str] = []
         progressed: list[str] = []
         for items, out in dispatched:
-            self._read(items, out, slot_of, generated, finished, progressed)
-        if decodes:
-            self.stats_totals["decode_dispatches"] += 1
-            self.stats_totals["decode_iterations"] += max(generated[w.request_id] for w in decodes)
-        self.scheduler.on_step_done(plan, now if self._fixed_clock else time.monotonic(), finished=finished,
-                                    generated=generated)
+            self._read(items, out, generated, finished, progressed)
+            decode_rows = [generated[w.request_id] for w in items if w.num_tokens == 1 and w.sample
+                           and w.request_id in generated]
+            if len(items) > 1 or (items and items[0].num_tokens == 1):
+                self.stats_totals["decode_dispatches"] += 1
+                self.stats_totals["decode_iterations"] += max(decode_rows, default=0)
+        if released_by_scheduler:
+            self.scheduler.on_step_done(plan, now, finished=finished, generated=generated)
+        else:
+            for rid in finished:
+                self.scheduler.finish(rid)
         for rid in progressed:
-            outputs.append(self._requests[rid].output())
+            if rid in self._requests:
+                outputs.append(self._requests[rid].output())
         for rid in finished:
             del self._requests[rid]
             self.slots.release(rid)
-        return outputs
+        return finished
 
     def _bind_slots(self, plan: Plan) -> dict[str, int]:
         """A slot for every item that samples, its row brought up to date (uploaded only if changed)."""
@@ -317,26 +352,38 @@ class LLMEngine:
             req = self._requests[w.request_id]
             fresh = self.slots.lookup(w.request_id) is None
             s = slot_of[w.request_id] = self.slots.bind(w.request_id, keep)
+            pages = self.scheduler.block_table(w.request_id)
+            if not fresh:                                         # the device owns token / position / step:
+                self.slots.write(s, SlotRow(w.request_id, 0, 0, pages, None), None)   # only pages may change
+                continue
+            # A fresh binding is never a row whose tokens are still in flight (that row is in this
+            # plan, so it kept its slot): the host's tokens are complete.
             last = w.start + w.num_tokens - 1                     # position of the row's input token
-            row = SlotRow(w.request_id, req.token_at(last), last, self.scheduler.block_table(w.request_id),
+            row = SlotRow(w.request_id, req.token_at(last), last, pages,
                           SamplingRow(req.params, req.seed, len(req.out_ids), req.stop_ids))
             pen = None
-            if fresh and has_penalty(req.params):
+            if has_penalty(req.params):
                 pen = host_penalties(req.tokens, len(req.prompt_ids), self.model_config.vocab_size)
             self.slots.write(s, row, pen)
         return slot_of
 
-    def _read(self, items, out, slot_of, generated, finished, progressed) -> None:
-        """Append the tokens of one dispatch to its requests (host side, after the device ran)."""
-        want_lp = any(self._requests[w.request_id].params.logprobs is not None for w in items)
+    def _read(self, items, out, generated, finished, progressed) -> None:
+        """Append the tokens of one dispatch to its requests (host side, after the device ran).
+        Requests already gone (aborted, or finished by an earlier dispatch) are skipped."""
+        items = [(i, w) for i, w in enumerate(items) if w.request_id in self._requests]
+        if not items:
+            return
+        want_lp = any(self._requests[w.request_id].params.logprobs is not None for _, w in items)
         fields = (out.tokens, out.num_tokens, out.finished_idx, out.num_finished)
         if want_lp:
             fields += (out.logprob, out.top_ids, out.top_logprobs)
         host = jax.device_get(fields)
         tokens, num_tokens, fin_idx, num_fin = host[:4]
         dev_done = set(fin_idx[:int(num_fin)].tolist())
-        for i, w in enumerate(items):
+        for i, w in items:
             req = self._requests[w.request_id]
+            if req.finished:
+                continue
             n = int(num_tokens[i])
             generated[w.request_id] = n
             toks = tokens[:n, i].tolist()
@@ -349,15 +396,10 @@ class LLMEngine:
             before = len(req.out_ids)
             if n:
                 req.extend(toks, lps, i in dev_done)
-            self.stats_totals["generation_tokens_total"] += len(req.out_ids) - before
-            if n:
                 progressed.append(w.request_id)
+            self.stats_totals["generation_tokens_total"] += len(req.out_ids) - before
             if req.finished:
                 finished.append(w.request_id)
-            elif n:
-                self.slots.advance(slot_of[w.request_id], req.token_at(req.num_tokens - 1),
-                                   w.start + w.num_tokens - 1 + n,
-                                   len(req.out_ids))
 
     # ------------------------------------------------------------------ metrics
     def stats(self) -> dict:

@@ -70,12 +70,15 @@ def _slot_batch(state: SlotState, rows) -> SamplingBatch:
     return jax.tree.map(lambda a: a[rows], state.sampling)
 
 
-def _record(state: SlotState, rows, live, tok, positions):
-    """Write sampled tokens of ``live`` rows back into their slots and the penalty statistics."""
+def _record(state: SlotState, rows, live, tok, positions, hit):
+    """Write sampled tokens of ``live`` rows back into their slots and the penalty statistics.
+    A row that sampled a stop id (``hit``) gets max_tokens 0: later dispatches skip it even before
+    the host has read that it finished."""
     S = state.tokens.shape[0]
     idx = jnp.where(live, rows, S)                             # dead rows -> dropped
     sb = state.sampling
-    sb = dataclasses.replace(sb, step=sb.step.at[idx].add(1, mode="drop"))
+    sb = dataclasses.replace(sb, step=sb.step.at[idx].add(1, mode="drop"),
+                             max_tokens=sb.max_tokens.at[jnp.where(live & hit, rows, S)].set(0, mode="drop"))
     pen = Penalties(state.penalties.counts.at[idx, tok].add(1.0, mode="drop"),
                     state.penalties.seen.at[idx, tok].set(True, mode="drop"))
     return SlotState(state.tokens.at[idx].set(tok, mode="drop"), state.positions.at[idx].set(positions, mode="drop"),
@@ -94,7 +97,7 @@ def _sample_first(state: SlotState, lg, slot, position, *, select: str, compacti
     pen = lambda: Penalties(state.penalties.counts[slot], state.penalties.seen[slot])   # noqa: E731
     tok, lp, top_ids, top_lp, hit = sample(lg, sb, pen, select=select, compaction_impl=compaction_impl)
     live = jnp.ones_like(slot, bool)
-    state = _record(state, slot, live, tok, position)
+    state = _record(state, slot, live, tok, position, hit)
     done = hit | (sb.step + 1 >= sb.max_tokens)
     idx, n = nonzero(done, size=1, impl=compaction_impl)
     return state, StepOutputs(tok[None], lp[None], top_ids[None], top_lp[None], jnp.ones((1,), jnp.int32), idx, n)
@@ -134,7 +137,7 @@ def _decode(cfg: ModelConfig, model: Llama, K: int, page_size: int, ctx_pages: i
         sb = _slot_batch(st, safe)
         pen = lambda: Penalties(st.penalties.counts[safe], st.penalties.seen[safe])   # noqa: E731
         tok, lp, top_ids, top_lp, hit = sample(lg, sb, pen, select=select, compaction_impl=compaction_impl)
-        st = _record(st, rows, ok, tok, pos + 1)
+        st = _record(st, rows, ok, tok, pos + 1, hit)
         done = ok & (hit | (sb.step + 1 >= sb.max_tokens))
         o = StepOutputs(o.tokens.at[i].set(jnp.where(ok, tok, -1)), o.logprob.at[i].set(lp),
                         o.top_ids.at[i].set(top_ids), o.top_logprobs.at[i].set(top_lp),

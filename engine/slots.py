@@ -16,7 +16,8 @@ numpy mirror of the small per-slot rows. The host sends only rows that changed
 (a sequence joining the batch, a new page, a resumed sequence): ``flush()``
 uploads the dirty rows, padded to a bucket of the decode batch sizes, and one
 jitted ``apply_rows`` scatters them in. Host-to-device bytes per step are
-O(changed rows x P), zero for a steady decode batch. Penalty statistics are
+O(changed rows x P), zero for a steady decode batch. Once bound, a slot's token,
+position and step counter are the device's (see ``SlotTable.write``). Penalty statistics are
 uploaded only for rows whose request uses penalties (``set_penalties``); other
 rows are zeroed on device.
 """
@@ -51,7 +52,8 @@ class RowUpdate:
     positions: jax.Array       # i32[n]
     block_tables: jax.Array    # i32[n, P]
     sampling: SamplingBatch    # [n] rows
-    reset_penalties: jax.Array  # bool[n] zero the slot's penalty statistics
+    full: jax.Array            # bool[n] a fresh binding: write the whole row and zero the slot's penalty
+                               #         statistics; else only its block table (a new page)
 
 
 def empty_state(num_slots: int, pages_per_seq: int, vocab: int) -> SlotState:
@@ -62,19 +64,19 @@ def empty_state(num_slots: int, pages_per_seq: int, vocab: int) -> SlotState:
 
 
 def apply_rows(state: SlotState, u: RowUpdate) -> SlotState:
-    """Scatter ``u``'s rows into their slots (padding rows dropped)."""
+    """Scatter ``u``'s rows into their slots (padding rows dropped; see ``RowUpdate.full``)."""
     S = state.tokens.shape[0]
     idx = jnp.where(u.idx < 0, S, u.idx)                       # out of range -> dropped
+    fidx = jnp.where(u.full, idx, S)                           # whole rows only where full
 
     def put(dst, src):
-        return dst.at[idx].set(src.astype(dst.dtype), mode="drop")
+        return dst.at[fidx].set(src.astype(dst.dtype), mode="drop")
 
     sampling = jax.tree.map(put, state.sampling, u.sampling)
-    ridx = jnp.where(u.reset_penalties, idx, S)
-    pen = Penalties(state.penalties.counts.at[ridx].set(0.0, mode="drop"),
-                    state.penalties.seen.at[ridx].set(False, mode="drop"))
+    pen = Penalties(state.penalties.counts.at[fidx].set(0.0, mode="drop"),
+                    state.penalties.seen.at[fidx].set(False, mode="drop"))
     return SlotState(put(state.tokens, u.tokens), put(state.positions, u.positions),
-                     put(state.block_tables, u.block_tables), sampling, pen)
+                     state.block_tables.at[idx].set(u.block_tables, mode="drop"), sampling, pen)
 
 
 def set_penalties(state: SlotState, slot, counts, seen) -> SlotState:
@@ -101,7 +103,7 @@ class SlotTable:
         self.num_slots, self.pages_per_seq, self.buckets = num_slots, pages_per_seq, buckets
         self.rows: list[SlotRow | None] = [None] * num_slots
         self.slot_of: dict[str, int] = {}
-        self._dirty: dict[int, bool] = {}          # slot -> reset penalties
+        self._dirty: dict[int, bool] = {}          # slot -> full row (else its block table only)
         self._pen_uploads: list[tuple[int, np.ndarray, np.ndarray]] = []
         self._lru: dict[int, int] = {}             # slot -> last step it was used
         self._clock = 0
@@ -142,22 +144,23 @@ class SlotTable:
             self._dirty.pop(s, None)
 
     def write(self, slot: int, row: SlotRow, penalties: tuple[np.ndarray, np.ndarray] | None) -> None:
-        """Make the device row of ``slot`` equal ``row`` at the next flush, if it differs."""
+        """Bring the device row of ``slot`` up to date at the next flush.
+
+        A fresh binding uploads the whole row (and ``penalties``: counts, seen of the request's
+        tokens, when it uses penalties). A bound slot is owned by the device from then on: its
+        token, position and step counter advance on device with every token sampled into it (the
+        programs keep them equal to the scheduler's counts), so only a changed block table is
+        uploaded. The host therefore never needs tokens it has not read yet (dispatch-ahead)."""
         self._lru[slot] = self._clock
         old = self.rows[slot]
-        if old is not None and penalties is None and old == row:
-            return
-        fresh = old is None
-        self.rows[slot] = row
-        self._dirty[slot] = self._dirty.get(slot, False) or fresh
-        if fresh and penalties is not None:
-            self._pen_uploads.append((slot, *penalties))
-
-    def advance(self, slot: int, token: int, position: int, step: int) -> None:
-        """Record what a program already wrote on device (no upload)."""
-        r = self.rows[slot]
-        r.token, r.position = token, position
-        r.sampling = dataclasses.replace(r.sampling, step=step)
+        if old is None:
+            self.rows[slot] = row
+            self._dirty[slot] = True
+            if penalties is not None:
+                self._pen_uploads.append((slot, *penalties))
+        elif old.pages != row.pages:
+            old.pages = list(row.pages)
+            self._dirty.setdefault(slot, False)
 
     def tick(self) -> None:
         self._clock += 1
@@ -177,13 +180,13 @@ class SlotTable:
         toks = np.zeros(n, np.int32)
         pos = np.zeros(n, np.int32)
         tables = np.zeros((n, P), np.int32)
-        reset = np.zeros(n, bool)
+        full = np.zeros(n, bool)
         srows = []
         for i, s in enumerate(slots):
             r = self.rows[s]
-            idx[i], toks[i], pos[i], reset[i] = s, r.token, r.position, self._dirty[s]
+            idx[i], toks[i], pos[i], full[i] = s, r.token, r.position, self._dirty[s]
             tables[i, :len(r.pages)] = r.pages[:P]
             srows.append(r.sampling)
         self._dirty = {}
-        u = RowUpdate(idx, toks, pos, tables, SamplingBatch(**host_rows(srows, n)), reset)
+        u = RowUpdate(idx, toks, pos, tables, SamplingBatch(**host_rows(srows, n)), full)
         return u, pen

@@ -92,6 +92,11 @@ class Scheduler:
     def abort(self, rid: str) -> None:
         self._release(rid, State.ABORTED)
 
+    def finish(self, rid: str) -> None:
+        """Release a job that finished after its last ``on_step_done`` (the engine read its tokens
+        one step later: dispatch-ahead)."""
+        self._release(rid, State.FINISHED)
+
     def _release(self, rid: str, state: State) -> None:
         job = self.jobs.pop(rid, None)
         if job is None:

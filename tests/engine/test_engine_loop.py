@@ -28,7 +28,7 @@ def _requests():
     ]
 
 
-def _run(eng, reqs, abort_after=None):
+def _run(eng, reqs, abort_after=None, abort_in_flight=None):
     for rid, ids, p in reqs:
         eng.add_request(rid, ids, p)
     out, steps = {}, 0
@@ -39,6 +39,10 @@ def _run(eng, reqs, abort_after=None):
         steps += 1
         if abort_after and steps == abort_after[1]:
             eng.abort_request(abort_after[0])
+        if abort_in_flight and abort_in_flight in eng._requests and eng._inflight is not None:
+            items, _ = eng._inflight                        # dispatched, its tokens not read yet
+            if any(w.request_id == abort_in_flight for w in items):
+                eng.abort_request(abort_in_flight)
         eng.scheduler.check_invariants()
     s = eng.stats()
     assert s["device_pages_used"] == 0 and s["host_pages_used"] == 0 and eng.guard.violations == 0
@@ -122,3 +126,36 @@ def test_lazy_warmup_compiles_only_what_runs(tmp_path, single_step):
     built = sum(len(p.executables) for p in eng.runner.programs.values())
     assert 0 < built < len(eng.runner.shapes())
     assert got["greedy"].token_ids == ref["greedy"].token_ids
+
+
+def test_abort_between_dispatch_and_read(cache_dir, single_step):
+    """Dispatch-ahead: a request aborted while a dispatch holding it is in flight (its tokens not
+    read yet) ends as "abort"; its pages and slot are freed; the others are unaffected."""
+    ref, _ = single_step
+    eng = LLMEngine(_cfg(cache_dir, decode_steps=8))
+    got = _run(eng, _requests(), abort_in_flight="penalty")
+    assert got["penalty"].finish_reason == "abort"
+    assert len(got["penalty"].token_ids) < 25
+    for rid in ("greedy", "seeded", "logprobs"):
+        assert got[rid].token_ids == ref[rid].token_ids, rid
+
+
+def test_dispatch_ahead_reads_one_step_behind_in_order(cache_dir, single_step):
+    """With dispatch-ahead on, the engine returns a dispatch's tokens one step later; streamed
+    deltas arrive in order and concatenate to the final output; off, the same tokens."""
+    ref, _ = single_step
+    for ahead in (True, False):
+        eng = LLMEngine(_cfg(cache_dir, decode_steps=8, dispatch_ahead=ahead))
+        for rid, ids, p in _requests():
+            eng.add_request(rid, ids, p)
+        seen = {rid: [] for rid, _, _ in _requests()}
+        behind = 0
+        while eng.has_unfinished_requests():
+            outs = eng.step()
+            behind += eng._inflight is not None
+            for o in outs:
+                assert list(o.token_ids[:len(seen[o.request_id])]) == seen[o.request_id]
+                seen[o.request_id].extend(o.delta_token_ids)
+                assert list(o.token_ids) == seen[o.request_id]
+        assert (behind > 0) == ahead
+        assert {k: tuple(v) for k, v in seen.items()} == {k: v.token_ids for k, v in ref.items()}
