@@ -4,8 +4,10 @@ Device: ``k, v: f[L, Hkv, P, S, Dh]`` (page 0 is the null page). Host: numpy
 ``f[L, Hkv, P_host, S, Dh]``. Which request owns which page is the
 scheduler's business (``scheduler/block_manager.py``); this module only moves
 bytes. Copies are padded to the ``swap_pages`` buckets (padding moves the null
-page, harmless) so they never compile while serving. JAX dispatch is
-asynchronous: a swap-in issued before the step overlaps with it.
+page, harmless) so they never compile while serving. Swaps are NOT overlapped
+with the step: a swap-out waits for its device-to-host copy, and a swap-in
+gathers the pages on the host and uploads them from pageable memory before the
+step is dispatched (issue 14's item 5 is open).
 """
 from __future__ import annotations
 
