@@ -11,7 +11,7 @@ skips the copy; their compute is skipped with ``pl.when``. Same contract as
 ``kernels.paged_attention.paged_attention_reference``.
 
 Tested on CPU in Pallas interpret mode only (no TPU in this project's sessions).
-``tests/test_kernels_lowering.py`` lowers it to a Mosaic module for TPU v4 / v5e /
+``tests/kernels/test_lowering.py`` lowers it to a Mosaic module for TPU v4 / v5e /
 v6e on a CPU host (under an abstract mesh naming the chip); Mosaic's layout
 passes, which decide whether ``G x Dh`` blocks with G < 8 tile, run in libtpu at
 compile time and are unverified.

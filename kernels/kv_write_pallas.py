@@ -44,7 +44,7 @@ generic scatter emitter. ``layer`` may be a traced scalar (read from a
 one-element ref).
 
 Not compiled or timed on a GPU in the session that wrote it (no device):
-``tests/test_kernels_kv_write.py`` checks interpret mode bit for bit against the
+``tests/kernels/test_kv_write.py`` checks interpret mode bit for bit against the
 reference, and ``scripts/bench_kernels.py`` times it against the XLA scatter.
 """
 from __future__ import annotations

@@ -37,7 +37,7 @@ per-page descriptor gain little here, and WGMMA needs 64-row tiles (4x more
 padding of G). Neither lowering could be compiled or timed in the session that
 wrote this (no GPU): ``scripts/bench_kernels.py`` measures the Triton kernel
 against JAX's deprecated kernel and XLA; a Mosaic GPU variant was not written.
-``tests/test_kernels_lowering.py`` lowers it for CUDA on a CPU host (Pallas ->
+``tests/kernels/test_lowering.py`` lowers it for CUDA on a CPU host (Pallas ->
 Triton IR, checked: tiles, dots, grid, knobs); Triton's own compilation is untested.
 
 TPU: ``kernels/_tpu_paged_attention.py`` (block tables via scalar prefetch);

@@ -21,7 +21,7 @@ leaks. A head dim that is not a power of two (Triton tiles must be) runs on
 ``Dp = pow2(Dh)`` lanes: the q rows are zero-padded (with the row padding),
 K/V lanes ``d >= Dh`` are clamped loads whose products with q's zero lanes
 vanish, and the output's padded lanes are sliced off. Not compiled or timed on
-a GPU in the session that wrote it; ``tests/test_kernels_lowering.py`` lowers
+a GPU in the session that wrote it; ``tests/kernels/test_lowering.py`` lowers
 it for CUDA on a CPU host and checks the Triton IR.
 """
 from __future__ import annotations

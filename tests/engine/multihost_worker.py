@@ -1,4 +1,4 @@
-"""One process of the two-process test (tests/test_tensor_parallel.py); not collected by pytest.
+"""One process of the two-process test (tests/engine/test_tensor_parallel.py); not collected by pytest.
 
 usage: python tests/engine/multihost_worker.py PORT PROCESS_ID NUM_PROCESSES TP MODEL
 Prints one JSON line with the greedy tokens of PROMPTS (process 0 and followers alike).

@@ -1,7 +1,7 @@
 """Pallas prefill attention over pages (interpret mode) against the pure-JAX reference, fresh random inputs.
 
 Pallas interpret mode fills every output with NaN before the kernel runs (checked in
-tests/test_kernels_paged_attention.py), so an output element the kernel forgot to write fails here.
+tests/kernels/test_paged_attention.py), so an output element the kernel forgot to write fails here.
 """
 import jax
 import jax.numpy as jnp
