@@ -242,6 +242,7 @@ class LLMEngine:
             log.exception("ferry: engine step failed; ending %d requests and rebuilding the KV cache",
                           len(self._requests))
             self.stats_totals["step_failures"] += 1
+            self._pending_final[:0] = outputs             # finals taken before the failure are not lost
             self._fail_all(f"engine step failed: {type(exc).__name__}: {exc}")
             self._recover()
             raise
