@@ -301,9 +301,9 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if isinstance(cmd, _Add):
-                cmd.stream._deliver(EngineClosed("the engine is shut down"))
-                with self._lock:
+                with self._lock:                 # count first: a caller woken by the error sees 0
                     self._in_flight -= 1
+                cmd.stream._deliver(EngineClosed("the engine is shut down"))
 
     def _drain(self, block: bool) -> None:
         try:
@@ -325,9 +325,9 @@ class AsyncEngine:
             except Exception as exc:     # ValueError for bad input; anything else is a bug
                 if not isinstance(exc, ValueError):
                     logger.exception("add_request failed for %s", stream.request_id)
-                stream._deliver(exc)
                 with self._lock:
                     self._in_flight -= 1
+                stream._deliver(exc)
                 return
             self._streams[stream.request_id] = stream
             if not stream._deliver(_ACCEPTED):
