@@ -15,6 +15,7 @@ dispatch and one read per ``decode_steps`` tokens.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -26,14 +27,14 @@ import numpy as np
 from ferry.engine.compile_guard import CompileGuard
 from ferry.engine.config import EngineConfig, host_pages_for_swap_space, kv_budget_bytes
 from ferry.engine.kv_cache import KVCache, page_bytes, pages_for_budget
-from ferry.engine.model_runner import ModelRunner, PrefillRow
+from ferry.engine.model_runner import ModelRunner, PrefillRow, StepOutputs
 from ferry.engine.outputs import RequestOutput, TokenLogprob
 from ferry.engine.request import Request
 from ferry.engine.sampling import SamplingRow, has_penalty, host_penalties
 from ferry.engine.sampling_params import SamplingParams
 from ferry.engine.slots import SlotRow, SlotTable
 from ferry.models.llama import runtime_params
-from ferry.scheduler.plan import Plan
+from ferry.scheduler.plan import Plan, WorkItem
 
 log = logging.getLogger("ferry")
 
@@ -52,6 +53,15 @@ def enable_compile_cache(path: str | None) -> None:
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Dispatch:
+    """One program call whose tokens the host has not read yet."""
+
+    items: tuple[WorkItem, ...]   # its work items, in row order
+    out: StepOutputs              # device outputs, being copied to the host
+    decode: bool                  # a decode dispatch (else a prefill chunk's first token)
 
 
 class LLMEngine:
@@ -81,7 +91,6 @@ class LLMEngine:
         self.model_name = bundle.name
         self.max_model_len = min(config.max_model_len, self.model_config.max_position_embeddings)
         if self.max_model_len != config.max_model_len:
-            import dataclasses
             config = dataclasses.replace(config, max_model_len=self.max_model_len)
             self.config = config
         # Tensor parallel: pad/replicate heads to divide the mesh, then shard (engine/sharding.py).
@@ -117,10 +126,10 @@ class LLMEngine:
         self.kv = KVCache(compute_cfg, num_pages, config.page_size, host_pages, kv_dtype, config.buckets(),
                           self.guard, sharding=kv_sharding)
         from ferry.kernels.selection import CheckShape, choose_kernels
+        tp = config.tensor_parallel                   # heads per device: what each shard's kernels see
         self.kernels = choose_kernels(config.attn_impl, shape=CheckShape(
-            compute_cfg.num_heads // max(1, config.tensor_parallel if self.mesh is not None else 1),
-            max(1, compute_cfg.num_kv_heads // (config.tensor_parallel if self.mesh is not None else 1)),
-            compute_cfg.head_dim, config.page_size, dtype))
+            compute_cfg.num_heads // tp, max(1, compute_cfg.num_kv_heads // tp), compute_cfg.head_dim,
+            config.page_size, dtype))
         self.runner = ModelRunner(compute_cfg, self.params, config, self.kv, dtype, self.guard, mesh=self.mesh,
                                   kernels=self.kernels)
         self.scheduler = Scheduler(config.scheduler_config(num_pages, host_pages))
@@ -133,7 +142,7 @@ class LLMEngine:
         self.stats_totals = {"prompt_tokens_total": 0, "generation_tokens_total": 0, "decode_dispatches": 0,
                              "decode_iterations": 0, "slot_rows_uploaded": 0, "step_failures": 0}
         self.healthy = True
-        self._inflight = None              # (items, outputs) of a dispatch not read yet (dispatch-ahead)
+        self._inflight: Dispatch | None = None   # a dispatch not read yet (dispatch-ahead)
         t_loaded = time.perf_counter()
         self.warmup_seconds = 0.0
         if config.warmup == "all":
@@ -266,7 +275,6 @@ class LLMEngine:
         self.runner.reset_state()
         self.slots.reset()
         self.healthy = True
-        self._inflight = None              # (items, outputs) of a dispatch not read yet (dispatch-ahead)
 
     def _step(self, now: float) -> list[RequestOutput]:
         outputs: list[RequestOutput] = []
@@ -282,19 +290,19 @@ class LLMEngine:
             update, pens = self.slots.take_updates()
             self.stats_totals["slot_rows_uploaded"] += (int((update.idx >= 0).sum()) if update is not None else 0)
             self.runner.apply_updates(update, pens)
-        dispatched = []                                   # (items, device outputs) in dispatch order
+        dispatched: list[Dispatch] = []                   # in dispatch order
         for item in plan.prefill_items:
             req = self._requests[item.request_id]
             row = PrefillRow(req.tokens[item.start:item.start + item.num_tokens], item.start,
                              self.scheduler.block_table(req.request_id))
             out = self.runner.prefill(row, slot_of[item.request_id] if item.sample else None)
             if out is not None:
-                dispatched.append((tuple([item]), out))
+                dispatched.append(Dispatch((item,), out, decode=False))
         decodes = plan.decode_items
         if decodes:
             out = self.runner.decode([slot_of[w.request_id] for w in decodes], max(w.start for w in decodes),
                                      plan.decode_steps)
-            dispatched.append((decodes, out))
+            dispatched.append(Dispatch(decodes, out, decode=True))
         if prev is not None:                              # ran ahead: read it while this one computes
             self._collect([prev], outputs, released_by_scheduler=False)
         t = now if self._fixed_clock else time.monotonic()
@@ -312,8 +320,8 @@ class LLMEngine:
         self._collect(dispatched, outputs, released_by_scheduler=True, plan=plan, now=t)
         return outputs
 
-    def _collect(self, dispatched, outputs: list[RequestOutput], released_by_scheduler: bool,
-                 plan: Plan | None = None, now: float | None = None) -> list[str]:
+    def _collect(self, dispatched: list[Dispatch], outputs: list[RequestOutput], released_by_scheduler: bool,
+                 plan: Plan | None = None, now: float | None = None) -> None:
         """Read dispatches in order, append their tokens, end finished requests.
 
         ``released_by_scheduler``: the plan's ``on_step_done`` is called here with the real counts
@@ -322,13 +330,12 @@ class LLMEngine:
         generated: dict[str, int] = {}
         finished: list[str] = []
         progressed: list[str] = []
-        for items, out in dispatched:
-            self._read(items, out, generated, finished, progressed)
-            decode_rows = [generated[w.request_id] for w in items if w.num_tokens == 1 and w.sample
-                           and w.request_id in generated]
-            if len(items) > 1 or (items and items[0].num_tokens == 1):
+        for d in dispatched:
+            self._read(d, generated, finished, progressed)
+            if d.decode:
                 self.stats_totals["decode_dispatches"] += 1
-                self.stats_totals["decode_iterations"] += max(decode_rows, default=0)
+                self.stats_totals["decode_iterations"] += max(
+                    (generated.get(w.request_id, 0) for w in d.items), default=0)
         if released_by_scheduler:
             self.scheduler.on_step_done(plan, now, finished=finished, generated=generated)
         else:
@@ -340,7 +347,6 @@ class LLMEngine:
         for rid in finished:
             del self._requests[rid]
             self.slots.release(rid)
-        return finished
 
     def _bind_slots(self, plan: Plan) -> dict[str, int]:
         """A slot for every item that samples, its row brought up to date (uploaded only if changed)."""
@@ -354,8 +360,8 @@ class LLMEngine:
             fresh = self.slots.lookup(w.request_id) is None
             s = slot_of[w.request_id] = self.slots.bind(w.request_id, keep)
             pages = self.scheduler.block_table(w.request_id)
-            if not fresh:                                         # the device owns token / position / step:
-                self.slots.write(s, SlotRow(w.request_id, 0, 0, pages, None), None)   # only pages may change
+            if not fresh:                                 # the device owns token / position / step
+                self.slots.set_pages(s, pages)
                 continue
             # A fresh binding is never a row whose tokens are still in flight (that row is in this
             # plan, so it kept its slot): the host's tokens are complete.
@@ -368,10 +374,11 @@ class LLMEngine:
             self.slots.write(s, row, pen)
         return slot_of
 
-    def _read(self, items, out, generated, finished, progressed) -> None:
+    def _read(self, d: Dispatch, generated, finished, progressed) -> None:
         """Append the tokens of one dispatch to its requests (host side, after the device ran).
         Requests already gone (aborted, or finished by an earlier dispatch) are skipped."""
-        items = [(i, w) for i, w in enumerate(items) if w.request_id in self._requests]
+        out = d.out
+        items = [(i, w) for i, w in enumerate(d.items) if w.request_id in self._requests]
         if not items:
             return
         want_lp = any(self._requests[w.request_id].params.logprobs is not None for _, w in items)

@@ -36,6 +36,7 @@ from ferry.engine.config import Buckets, EngineConfig
 from ferry.engine.kv_cache import KVCache
 from ferry.engine.programs import Program
 from ferry.engine.sampling import Penalties, SamplingBatch, sample
+from ferry.engine.sampling_params import MAX_LOGPROBS
 from ferry.engine.slots import RowUpdate, SlotState, apply_rows, empty_state, set_penalties
 from ferry.kernels.compaction import nonzero
 from ferry.models.config import ModelConfig
@@ -59,8 +60,8 @@ class StepOutputs:
 
     tokens: jax.Array         # i32[K, B]  -1 where the row produced no token
     logprob: jax.Array        # f32[K, B]
-    top_ids: jax.Array        # i32[K, B, 20]
-    top_logprobs: jax.Array   # f32[K, B, 20]
+    top_ids: jax.Array        # i32[K, B, MAX_LOGPROBS]
+    top_logprobs: jax.Array   # f32[K, B, MAX_LOGPROBS]
     num_tokens: jax.Array     # i32[B]     tokens each row produced
     finished_idx: jax.Array   # i32[B]     rows that stopped on device (stop id / max_tokens), -1 padded
     num_finished: jax.Array   # i32[]
@@ -115,7 +116,7 @@ def _decode(cfg: ModelConfig, model: Llama, K: int, page_size: int, ctx_pages: i
     sb0 = _slot_batch(state, safe)
     live0 = (rows >= 0) & (sb0.max_tokens > 0) & (sb0.step < sb0.max_tokens)
 
-    N = 20
+    N = MAX_LOGPROBS
     outs0 = StepOutputs(jnp.full((K, B), -1, jnp.int32), jnp.zeros((K, B), jnp.float32),
                         jnp.zeros((K, B, N), jnp.int32), jnp.zeros((K, B, N), jnp.float32),
                         jnp.zeros((B,), jnp.int32), jnp.zeros((B,), jnp.int32), jnp.zeros((), jnp.int32))
@@ -183,14 +184,15 @@ class ModelRunner:
         upd_kw: dict = {"donate_argnums": (0,)}
         pen_kw: dict = {"donate_argnums": (0,)}
         self._replicated = None
-        self.reset_state()
         if mesh is not None:
             from jax.sharding import NamedSharding, PartitionSpec as P
-            rep = self._replicated = NamedSharding(mesh, P())
+            self._replicated = NamedSharding(mesh, P())
+        self.reset_state()
+        if mesh is not None:
+            rep = self._replicated
             p_sh = jax.tree.map(lambda a: a.sharding, params)
             kvs = kv.sharding
             st = jax.tree.map(lambda _: rep, self.state)
-            self.reset_state()
             pre_kw.update(in_shardings=(p_sh, kvs, kvs, rep), out_shardings=(rep, kvs, kvs))
             dec_kw.update(in_shardings=(p_sh, kvs, kvs, st, rep, rep), out_shardings=(kvs, kvs, st, rep))
             smp_kw.update(in_shardings=(st, rep, rep, rep), out_shardings=(st, rep))

@@ -101,7 +101,8 @@ class SlotTable:
 
     def __init__(self, num_slots: int, pages_per_seq: int, buckets: tuple[int, ...]) -> None:
         self.num_slots, self.pages_per_seq, self.buckets = num_slots, pages_per_seq, buckets
-        self.rows: list[SlotRow | None] = [None] * num_slots
+        self.rows: list[SlotRow | None] = [None] * num_slots     # last row written (None: not yet)
+        self.owner: list[str | None] = [None] * num_slots         # request bound to each slot
         self.slot_of: dict[str, int] = {}
         self._dirty: dict[int, bool] = {}          # slot -> full row (else its block table only)
         self._pen_uploads: list[tuple[int, np.ndarray, np.ndarray]] = []
@@ -111,6 +112,7 @@ class SlotTable:
     def reset(self) -> None:
         """Forget every binding (the device state was rebuilt empty)."""
         self.rows = [None] * self.num_slots
+        self.owner = [None] * self.num_slots
         self.slot_of.clear()
         self._dirty.clear()
         self._pen_uploads.clear()
@@ -124,16 +126,17 @@ class SlotTable:
         s = self.slot_of.get(rid)
         if s is not None:
             return s
-        free = [i for i, r in enumerate(self.rows) if r is None]
+        free = [i for i, o in enumerate(self.owner) if o is None]
         if free:
             s = free[0]
         else:
-            victims = [i for i, r in enumerate(self.rows) if r.rid not in keep]
+            victims = [i for i, o in enumerate(self.owner) if o not in keep]
             if not victims:
                 raise RuntimeError("more sequences in one step than batch slots")
             s = min(victims, key=lambda i: self._lru.get(i, -1))
-            self.slot_of.pop(self.rows[s].rid, None)
+            del self.slot_of[self.owner[s]]
         self.rows[s] = None
+        self.owner[s] = rid
         self.slot_of[rid] = s
         return s
 
@@ -141,25 +144,31 @@ class SlotTable:
         s = self.slot_of.pop(rid, None)
         if s is not None:
             self.rows[s] = None
+            self.owner[s] = None
             self._dirty.pop(s, None)
 
     def write(self, slot: int, row: SlotRow, penalties: tuple[np.ndarray, np.ndarray] | None) -> None:
-        """Bring the device row of ``slot`` up to date at the next flush.
+        """A fresh binding: upload the whole row at the next flush (and ``penalties``: counts, seen
+        of the request's tokens, when it uses penalties).
 
-        A fresh binding uploads the whole row (and ``penalties``: counts, seen of the request's
-        tokens, when it uses penalties). A bound slot is owned by the device from then on: its
-        token, position and step counter advance on device with every token sampled into it (the
-        programs keep them equal to the scheduler's counts), so only a changed block table is
-        uploaded. The host therefore never needs tokens it has not read yet (dispatch-ahead)."""
+        From then on the slot is owned by the device: its token, position and step counter
+        advance on device with every token sampled into it (the programs keep them equal to the
+        scheduler's counts), so only a changed block table is uploaded (``set_pages``). The host
+        therefore never needs tokens it has not read yet (dispatch-ahead)."""
+        if self.rows[slot] is not None:
+            raise RuntimeError(f"slot {slot} is bound to {self.rows[slot].rid!r}: use set_pages")
         self._lru[slot] = self._clock
-        old = self.rows[slot]
-        if old is None:
-            self.rows[slot] = row
-            self._dirty[slot] = True
-            if penalties is not None:
-                self._pen_uploads.append((slot, *penalties))
-        elif old.pages != row.pages:
-            old.pages = list(row.pages)
+        self.rows[slot] = row
+        self._dirty[slot] = True
+        if penalties is not None:
+            self._pen_uploads.append((slot, *penalties))
+
+    def set_pages(self, slot: int, pages: list[int]) -> None:
+        """A bound slot's block table, uploaded at the next flush if it changed."""
+        self._lru[slot] = self._clock
+        row = self.rows[slot]
+        if row.pages != pages:
+            row.pages = list(pages)
             self._dirty.setdefault(slot, False)
 
     def tick(self) -> None:

@@ -56,7 +56,9 @@ def measure(K: int, batches: list[int], tokens: int, cache_dir: str) -> dict:
 
     from ferry.engine.config import EngineConfig
     from ferry.engine.llm_engine import LLMEngine
+    from ferry.engine.sampling import SamplingRow
     from ferry.engine.sampling_params import SamplingParams
+    from ferry.engine.slots import SlotRow
 
     eng = LLMEngine(EngineConfig(model="random:tiny", max_batch=max(batches), max_model_len=tokens + 64,
                                  decode_steps=K, warmup_progress=False, compile_cache_dir=cache_dir,
@@ -76,12 +78,11 @@ def measure(K: int, batches: list[int], tokens: int, cache_dir: str) -> dict:
         engine_ms = (time.perf_counter() - t) / (tokens - n0) * 1e3
         # device-only floor: the same decode program back to back on live slots, no host work between
         runner = eng.runner
-        from ferry.engine.sampling import SamplingRow
-        from ferry.engine.slots import SlotRow
+        pages = list(range(1, 2 + (16 + tokens) // eng.config.page_size))
+        never_stop = SamplingRow(SamplingParams(temperature=0, max_tokens=10**6), 0, 0)
         slots = [eng.slots.bind(f"floor{i}", set()) for i in range(B)]
-        for s in slots:                                   # rows that never stop (max_tokens large)
-            eng.slots.write(s, SlotRow(f"floor{s}", 5, 8, list(range(1, 2 + (16 + tokens) // eng.config.page_size)),
-                                       SamplingRow(SamplingParams(temperature=0, max_tokens=10**6), 0, 0)), None)
+        for i, s in enumerate(slots):
+            eng.slots.write(s, SlotRow(f"floor{i}", 5, 8, pages, never_stop), None)
         runner.apply_updates(*eng.slots.take_updates())
         reps = (tokens - 8) // K                          # the same contexts as the engine run: 8 .. tokens
         jax.block_until_ready(runner.decode(slots, 8, 1).tokens)

@@ -70,11 +70,14 @@ def main():
                 t = time.perf_counter()
                 jax.block_until_ready(runner.prefill(PrefillRow(toks, 0, pages), slot=0).tokens)
             else:                                          # n slots at position ctx over the same pages
-                for s in range(n):
-                    eng.slots.write(s, SlotRow(f"p{s}", 5, ctx, pages, SamplingRow(sp, 0, 0)), None)
+                slots = [eng.slots.bind(f"p{i}", set()) for i in range(n)]
+                for i, s in enumerate(slots):
+                    eng.slots.write(s, SlotRow(f"p{i}", 5, ctx, pages, SamplingRow(sp, 0, 0)), None)
                 runner.apply_updates(*eng.slots.take_updates())
                 t = time.perf_counter()
-                jax.block_until_ready(runner.decode(list(range(n)), ctx, 1).tokens)
+                jax.block_until_ready(runner.decode(slots, ctx, 1).tokens)
+                for i in range(n):
+                    eng.slots.release(f"p{i}")
             times.append(time.perf_counter() - t)
         sample = ({"prefill_tokens": n, "decode_rows": 0, "context_tokens": n} if kind == "prefill" else
                   {"prefill_tokens": 0, "decode_rows": n, "context_tokens": n * ctx})

@@ -40,8 +40,7 @@ def _run(eng, reqs, abort_after=None, abort_in_flight=None):
         if abort_after and steps == abort_after[1]:
             eng.abort_request(abort_after[0])
         if abort_in_flight and abort_in_flight in eng._requests and eng._inflight is not None:
-            items, _ = eng._inflight                        # dispatched, its tokens not read yet
-            if any(w.request_id == abort_in_flight for w in items):
+            if any(w.request_id == abort_in_flight for w in eng._inflight.items):   # tokens not read yet
                 eng.abort_request(abort_in_flight)
         eng.scheduler.check_invariants()
     s = eng.stats()
