@@ -19,7 +19,11 @@ def _pow2_upto(lo: int, hi: int, ratio: int = 2) -> tuple[int, ...]:
     return tuple(sorted(set(out)))
 
 
-# Decode and prefill buckets grow by 4x: each program's padding wastes at most 3/4 of a batch or
+# Multi-token (prefill chunk) rows in one ragged step: a static size of the step programs
+# (engine/step_inputs.py); the scheduler puts at most this many chunks in one plan.
+MAX_CHUNK_ROWS = 4
+
+# Decode and step buckets grow by 4x: each program's padding wastes at most 3/4 of a batch or
 # context axis, and the engine compiles about half as many programs as with 2x steps (a decode
 # program, with its K-iteration loop and sampling inside, takes 3-9 s to compile on the 2-core CPU).
 BUCKET_RATIO = 4
@@ -30,8 +34,9 @@ class Buckets:
     """Compiled shapes.
 
     decode_batch:  rows B of a decode step (one token per row).
-    prefill_tokens: tokens T of a prefill chunk (one request per call).
-    context:       tokens of context covered by a prefill's block table (P_max * page_size).
+    step_tokens:   tokens T of a ragged step (decode rows and prefill chunks of several requests;
+                   engine/step_inputs.py), up to ``max_num_batched_tokens``.
+    context:       tokens of context covered by a step's block tables (P_max * page_size).
     swap_pages:    pages moved per device<->host copy call.
     decode_context: context buckets of decode steps; finer at the low end than ``context``
                    because decode attention work scales with the bucket, not the real length
@@ -39,7 +44,7 @@ class Buckets:
     """
 
     decode_batch: tuple[int, ...]
-    prefill_tokens: tuple[int, ...]
+    step_tokens: tuple[int, ...]
     context: tuple[int, ...]
     swap_pages: tuple[int, ...]
     decode_context: tuple[int, ...] = ()
@@ -58,8 +63,8 @@ class Buckets:
     def decode_shapes(self) -> list[tuple[int, int]]:
         return [(b, c) for b in self.decode_batch for c in self.decode_context]
 
-    def prefill_shapes(self) -> list[tuple[int, int]]:
-        return [(t, c) for t in self.prefill_tokens for c in self.context if t <= c]
+    def step_shapes(self) -> list[tuple[int, int]]:
+        return [(t, c) for t in self.step_tokens for c in self.context]
 
 
 def kv_budget_bytes(bytes_limit: float, bytes_in_use: float, kv_memory_fraction: float,
@@ -128,6 +133,9 @@ class EngineConfig:
     page_size: int = _opt(16, "tokens per KV page (a power of two)", "memory", flags=("--block-size",))
     max_prefill_chunk: int = _opt(256, "longest prefill chunk; longer prompts are prefilled in chunks",
                                   "scheduling")
+    max_num_batched_tokens: int | None = _opt(
+        None, "tokens per step, decode rows and prefill chunks together (one ragged step program); "
+              "default max(max_prefill_chunk, max_batch)", "scheduling")
     decode_steps: int = _opt(8, "most decode iterations per dispatch when no prefill waits (multi-step "
                                 "decode on device; a new arrival waits at most one such dispatch)", "scheduling")
     dispatch_ahead: bool = _opt(True, "while a multi-step decode runs, dispatch the next one before reading "
@@ -179,6 +187,9 @@ class EngineConfig:
             raise ValueError(f"warmup must be 'all' or 'lazy', got {self.warmup!r}")
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < self.max_batch:
+            raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_batch "
+                             f"({self.max_batch}): every decode row of a full batch is one token of a step")
         if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.swap_space is not None and self.swap_space < 0:
@@ -207,25 +218,27 @@ class EngineConfig:
         r = BUCKET_RATIO
         ctx = tuple(-(-c // self.page_size) * self.page_size
                     for c in _pow2_upto(ctx_lo, self.max_model_len, r))
-        chunk = min(self.max_prefill_chunk, ctx[-1])
+        budget = self.max_num_batched_tokens or max(self.max_prefill_chunk, self.max_batch)
         return Buckets(
             decode_batch=_pow2_upto(1, self.max_batch, r),
-            prefill_tokens=_pow2_upto(min(16, chunk), chunk, r),
+            step_tokens=_pow2_upto(min(16, budget), budget, r),
             context=ctx,
             swap_pages=_pow2_upto(min(8, self.max_pages_per_seq), self.max_pages_per_seq, r),
             decode_context=tuple(-(-c // self.page_size) * self.page_size for c in _pow2_upto(
                 max(self.page_size, min(self.min_decode_context, ctx_lo)), self.max_model_len, r)),
         )
 
-    def scheduler_config(self, num_device_pages: int, num_host_pages: int):
-        """The scheduler's settings, derived from these in one place."""
+    def scheduler_config(self, num_device_pages: int, num_host_pages: int, window: int | None = None):
+        """The scheduler's settings, derived from these in one place. ``window``: the model's sliding
+        window when EVERY layer has one (the scheduler then frees pages that slide out of it)."""
         from ferry.scheduler.cost_model import CostModel
         from ferry.scheduler.scheduler import SchedulerConfig
         b = self.buckets()
         return SchedulerConfig(
-            max_batch=self.max_batch, max_tokens_per_step=self.max_batch + b.prefill_tokens[-1],
-            max_prefill_chunk=b.prefill_tokens[-1], page_size=self.page_size,
+            max_batch=self.max_batch, max_tokens_per_step=b.step_tokens[-1],
+            max_prefill_chunk=min(self.max_prefill_chunk, b.step_tokens[-1]), max_prefill_rows=MAX_CHUNK_ROWS,
+            page_size=self.page_size,
             num_device_pages=num_device_pages, num_host_pages=num_host_pages, policy=self.scheduler,
             base_quantum=self.mlfq_base_quantum, starve_limit=self.mlfq_starve_limit,
             cost_model=CostModel.load(self.cost_model) if self.cost_model else None,
-            decode_steps=self.decode_steps)
+            decode_steps=self.decode_steps, window=window)

@@ -11,9 +11,11 @@ token ids and a resolved seed, abort, stop) plus its clock reading. Each
 follower applies the same commands to its replica and steps with the leader's
 clock, so its scheduler produces the same Plan. Commands are a few hundred
 bytes per step where a Plan with block tables and swap lists is larger and
-would still need the requests' tokens on every process. A digest of the
-previous Plan rides along with every broadcast and followers check it, so a
-divergence fails loudly instead of deadlocking later.
+would still need the requests' tokens on every process. Before any program of
+a step is dispatched, every process all-gathers a digest of its Plan
+(``check_plan``, 16 bytes): a divergence raises on every process at that point,
+before the diverged step's collectives could block
+(tests/engine/test_tensor_parallel.py::test_diverged_plans_fail_on_every_process).
 
 The broadcast moves a fixed-size ``u8[CHUNK]`` buffer (several when needed)
 so it compiles once, during start-up. Payloads are pickled: the processes of
@@ -74,11 +76,25 @@ def plan_digest(plan) -> str:
     return hashlib.sha1(repr(plan).encode()).hexdigest()[:16] if plan is not None else ""
 
 
+class PlanDivergence(RuntimeError):
+    """The processes of a multi-host run planned different steps."""
+
+
+def check_plan(plan) -> None:
+    """All-gather every process's digest of ``plan`` (u8[16]); raise ``PlanDivergence`` on every
+    process if any differs. Called by the engine between planning and dispatch."""
+    from jax.experimental import multihost_utils
+    mine = np.frombuffer(plan_digest(plan).encode().ljust(16, b"-"), np.uint8)
+    every = np.asarray(multihost_utils.process_allgather(mine))          # u8[processes, 16]
+    if (every != mine[None]).any():
+        digests = [row.tobytes().decode() for row in every]
+        raise PlanDivergence(f"multi-host divergence before dispatch: plan digests by process {digests}")
+
+
 @dataclasses.dataclass(frozen=True)
 class _Sync:
     commands: tuple        # ("add", rid, ids, params, priority) | ("abort", rid) | ("stop",)
     now: float
-    prev_plan: str
 
 
 class MultiHostEngine:
@@ -101,7 +117,9 @@ class MultiHostEngine:
         self.stopped = False
         self.released = False
         self._last_sync = time.monotonic()
-        broadcast_bytes(pickle.dumps(None) if self.is_leader else None)     # compile the broadcast now
+        broadcast_bytes(pickle.dumps(None) if self.is_leader else None)     # compile the collectives now
+        check_plan(None)
+        self.engine.plan_check = check_plan
 
     def __getattr__(self, name):          # tokenizer, model_config, max_model_len, stats, ...
         return getattr(self.engine, name)
@@ -143,15 +161,12 @@ class MultiHostEngine:
     def _sync(self) -> _Sync:
         self.released = False
         self._last_sync = time.monotonic()
-        mine = plan_digest(self.engine.last_plan)
         payload = None
         if self.is_leader:
-            payload = pickle.dumps(_Sync(tuple(self._commands), time.monotonic(), mine))
+            payload = pickle.dumps(_Sync(tuple(self._commands), time.monotonic()))
             self._commands = []
         with self.engine.guard.watch("multi-host broadcast"):
             sync: _Sync = pickle.loads(broadcast_bytes(payload))
-        if sync.prev_plan != mine:
-            raise RuntimeError(f"multi-host divergence: leader's last plan {sync.prev_plan}, this process's {mine}")
         if not self.is_leader:
             for cmd in sync.commands:
                 if cmd[0] == "add":

@@ -4,10 +4,16 @@ Device: ``k, v: f[L, Hkv, P, S, Dh]`` (page 0 is the null page). Host: numpy
 ``f[L, Hkv, P_host, S, Dh]``. Which request owns which page is the
 scheduler's business (``scheduler/block_manager.py``); this module only moves
 bytes. Copies are padded to the ``swap_pages`` buckets (padding moves the null
-page, harmless) so they never compile while serving. Swaps are NOT overlapped
-with the step: a swap-out waits for its device-to-host copy, and a swap-in
-gathers the pages on the host and uploads them from pageable memory before the
-step is dispatched (issue 14's item 5 is open).
+page, harmless) so they never compile while serving.
+
+Swap-out does not block the step: the pages are gathered on device and their
+device-to-host copy started (``copy_to_host_async``); the step is dispatched
+behind the gather (device work is ordered, so the freed pages are overwritten
+only after it), and the bytes land in the host pages at ``finish_swaps()``: the
+engine calls it at the start of the next step, and any swap-in calls it first.
+Swap-in still gathers its pages on the host and uploads them from pageable
+memory before the step is dispatched (not overlapped; pinned host memory is not
+used). Neither has been timed on a GPU.
 """
 from __future__ import annotations
 
@@ -57,11 +63,13 @@ class KVCache:
         hshape = (cfg.num_layers, cfg.num_kv_heads, num_host_pages + 1, page_size, cfg.head_dim)
         self.host_k = np.zeros(hshape, self.dtype)
         self.host_v = np.zeros(hshape, self.dtype)
+        self._pending: list[tuple[int, np.ndarray, jax.Array, jax.Array]] = []   # swap-outs in flight
 
     def rebuild_device(self) -> None:
         """(Re)allocate the device pages as zeros: at start-up, and after a failed program consumed
         the donated buffers (their contents are lost; the requests that owned them were ended)."""
         shape = (self.cfg.num_layers, self.cfg.num_kv_heads, self.num_pages, self.page_size, self.cfg.head_dim)
+        self._pending = []                  # copies of the lost buffers: their requests were ended
         make = functools.partial(jnp.zeros, shape, self.dtype)
         self.k = jax.jit(make, out_shardings=self.sharding)() if self.sharding is not None else make()
         self.v = jax.jit(make, out_shardings=self.sharding)() if self.sharding is not None else make()
@@ -90,11 +98,24 @@ class KVCache:
 
     def _swap_out(self, pairs):
         for n, dev, host in self._chunks(pairs, 0, self.scratch):
-            k, v = to_host(self._gather(self.k, self.v, self._idx(dev)))
+            k, v = self._gather(self.k, self.v, self._idx(dev))        # device: f[L, Hkv, n, S, Dh]
+            for a in (k, v):
+                try:
+                    a.copy_to_host_async()
+                except (AttributeError, RuntimeError):
+                    pass
+            self._pending.append((n, host, k, v))
+
+    def finish_swaps(self) -> None:
+        """Write the swap-outs in flight into their host pages (waits for their copies)."""
+        pending, self._pending = self._pending, []
+        for n, host, k, v in pending:
+            k, v = to_host((k, v))
             self.host_k[:, :, host[:n]] = k[:, :, :n]
             self.host_v[:, :, host[:n]] = v[:, :, :n]
 
     def _swap_in(self, pairs):
+        self.finish_swaps()                        # a page swapped out just now may be read back
         for n, host, dev in self._chunks(pairs, self.scratch, 0):
             hk = self.host_k[:, :, host]
             hv = self.host_v[:, :, host]
@@ -116,6 +137,7 @@ class KVCache:
         for n in self.buckets.swap_pages:
             self._swap_out([(0, self.scratch)] * n)
             self._swap_in([(self.scratch, 0)] * n)
+        self.finish_swaps()
         jax.block_until_ready(self.k)
 
 

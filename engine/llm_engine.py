@@ -2,9 +2,10 @@
 
 Single-threaded by design (``AsyncEngine`` runs it on its own thread). Each
 step: ``Plan = scheduler.schedule(now)`` -> swap-out / swap-in copies -> the
-slot rows that changed go to the device (engine/slots.py) -> prefill chunks
-(one program each; a request's last chunk samples its next token into its
-slot) -> one decode dispatch for all decode rows, running up to
+slot rows that changed go to the device (engine/slots.py) -> one dispatch:
+a ragged step when the plan has prefill chunks (chunks of several requests and
+the decode rows in one program; a request's last chunk samples its next token
+into its slot), else one decode dispatch for all decode rows, running up to
 ``plan.decode_steps`` iterations on device -> outputs read (copied
 asynchronously since dispatch) -> tokens appended, detokenized, stop checks ->
 ``scheduler.on_step_done`` with the tokens each request produced.
@@ -27,7 +28,8 @@ import numpy as np
 from ferry.engine.compile_guard import CompileGuard
 from ferry.engine.config import EngineConfig, host_pages_for_swap_space, kv_budget_bytes
 from ferry.engine.kv_cache import KVCache, page_bytes, pages_for_budget
-from ferry.engine.model_runner import ModelRunner, PrefillRow, StepOutputs
+from ferry.engine.model_runner import ModelRunner, StepOutputs
+from ferry.engine.step_inputs import StepRow
 from ferry.engine.outputs import RequestOutput, TokenLogprob
 from ferry.engine.request import Request
 from ferry.engine.sampling import SamplingRow, has_penalty, host_penalties
@@ -61,7 +63,7 @@ class Dispatch:
 
     items: tuple[WorkItem, ...]   # its work items, in row order
     out: StepOutputs              # device outputs, being copied to the host
-    decode: bool                  # a decode dispatch (else a prefill chunk's first token)
+    decode: bool                  # it has decode rows (a decode dispatch, or a ragged step with some)
 
 
 class LLMEngine:
@@ -132,7 +134,10 @@ class LLMEngine:
             config.page_size, dtype))
         self.runner = ModelRunner(compute_cfg, self.params, config, self.kv, dtype, self.guard, mesh=self.mesh,
                                   kernels=self.kernels)
-        self.scheduler = Scheduler(config.scheduler_config(num_pages, host_pages))
+        mc = self.model_config
+        all_local = getattr(mc, "sliding_window", None) and all(mc.window(i) for i in range(mc.num_layers))
+        self.scheduler = Scheduler(config.scheduler_config(num_pages, host_pages,
+                                                           window=mc.sliding_window if all_local else None))
         self.slots = SlotTable(config.max_batch, config.max_pages_per_seq, config.buckets().decode_batch)
         self._requests: dict[str, Request] = {}
         self._pending_final: list[RequestOutput] = []
@@ -140,9 +145,11 @@ class LLMEngine:
         self._fixed_clock = False          # multi-host: step() uses only the leader's clock
         self.last_plan: Plan | None = None
         self.stats_totals = {"prompt_tokens_total": 0, "generation_tokens_total": 0, "decode_dispatches": 0,
-                             "decode_iterations": 0, "slot_rows_uploaded": 0, "step_failures": 0}
+                             "decode_iterations": 0, "slot_rows_uploaded": 0, "step_failures": 0,
+                             "ragged_steps": 0}
         self.healthy = True
         self._inflight: Dispatch | None = None   # a dispatch not read yet (dispatch-ahead)
+        self.plan_check = None                   # multi-host: called with each plan before dispatch
         t_loaded = time.perf_counter()
         self.warmup_seconds = 0.0
         if config.warmup == "all":
@@ -279,8 +286,11 @@ class LLMEngine:
     def _step(self, now: float) -> list[RequestOutput]:
         outputs: list[RequestOutput] = []
         prev, self._inflight = self._inflight, None
+        self.kv.finish_swaps()                            # last step's swap-outs: into host pages now
         plan: Plan = self.scheduler.schedule(now)
         self.last_plan = plan
+        if self.plan_check is not None:
+            self.plan_check(plan)                         # raises on every process if plans diverged
         if plan.swap_out:
             self.kv.swap_out(list(plan.swap_out))
         if plan.swap_in:
@@ -291,31 +301,38 @@ class LLMEngine:
             self.stats_totals["slot_rows_uploaded"] += (int((update.idx >= 0).sum()) if update is not None else 0)
             self.runner.apply_updates(update, pens)
         dispatched: list[Dispatch] = []                   # in dispatch order
-        for item in plan.prefill_items:
-            req = self._requests[item.request_id]
-            row = PrefillRow(req.tokens[item.start:item.start + item.num_tokens], item.start,
-                             self.scheduler.block_table(req.request_id))
-            out = self.runner.prefill(row, slot_of[item.request_id] if item.sample else None)
-            if out is not None:
-                dispatched.append(Dispatch((item,), out, decode=False))
         decodes = plan.decode_items
-        if decodes:
+        if plan.prefill_items:                            # one ragged step: chunks and decode rows together
+            rows = []
+            for w in plan.work:
+                pages = self.scheduler.block_table(w.request_id)
+                slot = slot_of[w.request_id] if w.sample else None
+                toks = None if (w.num_tokens == 1 and w.sample) else \
+                    self._requests[w.request_id].tokens[w.start:w.start + w.num_tokens]
+                rows.append(StepRow(w.start, w.num_tokens, pages, toks, slot))
+            out, sampled = self.runner.step(rows)
+            self.stats_totals["ragged_steps"] += 1
+            if sampled:
+                dispatched.append(Dispatch(tuple(plan.work[i] for i in sampled), out, decode=bool(decodes)))
+        elif decodes:
             out = self.runner.decode([slot_of[w.request_id] for w in decodes], max(w.start for w in decodes),
                                      plan.decode_steps)
             dispatched.append(Dispatch(decodes, out, decode=True))
         if prev is not None:                              # ran ahead: read it while this one computes
             self._collect([prev], outputs, released_by_scheduler=False)
         t = now if self._fixed_clock else time.monotonic()
-        if self.config.dispatch_ahead and decodes and plan.decode_steps > 1 and len(dispatched) == 1:
-            # Steady multi-step decode: charge the tokens the dispatch will produce now (a row stops
-            # early only on a stop id, which finishes it), and read them during the next step.
+        if self.config.dispatch_ahead and len(dispatched) == 1:
+            # One step behind: charge the tokens the dispatch will produce now (one per sampled row,
+            # up to decode_steps in a multi-step decode; a row stops early only on a stop id, which
+            # finishes it), and read them during the next step, after its dispatch.
+            d, steps = dispatched[0], (1 if plan.prefill_items else plan.decode_steps)
             predicted = {}
-            for w in decodes:
+            for w in d.items:
                 job = self.scheduler.jobs.get(w.request_id)       # None: finished at the read above
                 if job is not None:
-                    predicted[w.request_id] = max(1, min(plan.decode_steps, job.max_tokens - job.generated))
+                    predicted[w.request_id] = max(1, min(steps, job.max_tokens - job.generated))
             self.scheduler.on_step_done(plan, t, generated=predicted)
-            self._inflight = dispatched[0]
+            self._inflight = d
             return outputs
         self._collect(dispatched, outputs, released_by_scheduler=True, plan=plan, now=t)
         return outputs

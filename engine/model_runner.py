@@ -2,11 +2,12 @@
 
 Programs (engine/programs.py; every shape is in ``EngineConfig.buckets()``):
 
-* ``prefill[T, C]``: one request's chunk. tokens/positions/slots i32[T], block_table
-  i32[1, C/S] -> logits f32[1, V] of the chunk's last token; K/V written in place.
-* ``sample[1]``: samples the first token of a request from those logits with its
-  slot's parameters, and writes it into the slot (``SlotState.tokens``), so the next
-  decode reads it on device.
+* ``step[T, C]``: one ragged step (engine/step_inputs.py): decode rows and prefill
+  chunks of several requests in one token array of T tokens, one forward with the K/V
+  write inside, ragged paged attention over the rows (kernels/ragged_attention.py),
+  and sampling on device for every row that ends its request's known tokens: the token
+  goes into the row's slot (``SlotState.tokens``), so the next step reads it on device.
+  Decode rows read their input token from their slot.
 * ``decode[B, C]``: up to ``decode_steps`` decode iterations of B slots in one
   ``lax.while_loop`` (forward, K/V write, sampling, penalty statistics), each
   iteration feeding the sampled tokens to the next on device. A row stops at a
@@ -40,17 +41,10 @@ from ferry.engine.sampling_params import MAX_LOGPROBS
 from ferry.engine.slots import RowUpdate, SlotState, apply_rows, empty_state, set_penalties
 from ferry.kernels.compaction import nonzero
 from ferry.models.config import ModelConfig
-from ferry.models.llama import AttnMeta, Llama, logits, op_impl
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class PrefillInputs:
-    tokens: jax.Array         # i32[T]
-    positions: jax.Array      # i32[T]   -1 = padding
-    slots: jax.Array          # i32[T]   KV slot (page * S + offset), -1 = padding
-    block_tables: jax.Array   # i32[1, C/S]
-    last: jax.Array           # i32[1]   index of the chunk's last real token
+from ferry.engine.step_inputs import StepInputs, StepRow, StepShape, pack
+from ferry.kernels.ragged_attention import RaggedLayout
+from ferry.models.attention import AttnMeta, op_impl
+from ferry.models.llama import Llama, logits
 
 
 @jax.tree_util.register_dataclass
@@ -86,22 +80,27 @@ def _record(state: SlotState, rows, live, tok, positions, hit):
                      state.block_tables, sb, pen)
 
 
-def _prefill(cfg: ModelConfig, model: Llama, params, k, v, x: PrefillInputs):
-    meta = AttnMeta(x.slots, x.block_tables, jnp.zeros((1,), jnp.int32))
-    h, k, v = model.apply({"params": params}, x.tokens, x.positions, k, v, meta)
-    return logits(cfg, params, h[x.last]), k, v
-
-
-def _sample_first(state: SlotState, lg, slot, position, *, select: str, compaction_impl: str):
-    """lg f32[1, V]; slot, position i32[1]: sample the request's next token into its slot."""
-    sb = _slot_batch(state, slot)
-    pen = lambda: Penalties(state.penalties.counts[slot], state.penalties.seen[slot])   # noqa: E731
-    tok, lp, top_ids, top_lp, hit = sample(lg, sb, pen, select=select, compaction_impl=compaction_impl)
-    live = jnp.ones_like(slot, bool)
-    state = _record(state, slot, live, tok, position, hit)
-    done = hit | (sb.step + 1 >= sb.max_tokens)
-    idx, n = nonzero(done, size=1, impl=compaction_impl)
-    return state, StepOutputs(tok[None], lp[None], top_ids[None], top_lp[None], jnp.ones((1,), jnp.int32), idx, n)
+def _step(cfg: ModelConfig, model: Llama, params, k, v, state: SlotState, x: StepInputs, *, select: str,
+          compaction_impl: str):
+    """One ragged step (see module docstring); outputs have K = 1 and one row per sampled row."""
+    S = state.tokens.shape[0]
+    T = x.tokens.shape[0]
+    tok = jnp.where(x.from_slot >= 0, state.tokens[jnp.clip(x.from_slot, 0, S - 1)], x.tokens)
+    h, k, v = model.apply({"params": params}, tok, x.positions, k, v, x.meta)
+    rows = x.sample_slot                                              # i32[R]
+    safe = jnp.clip(rows, 0, S - 1)
+    at = jnp.clip(x.sample_token, 0, T - 1)
+    lg = logits(cfg, params, h[at])                                   # f32[R, V]
+    sb = _slot_batch(state, safe)
+    live = (rows >= 0) & (sb.max_tokens > 0) & (sb.step < sb.max_tokens)
+    pen = lambda: Penalties(state.penalties.counts[safe], state.penalties.seen[safe])   # noqa: E731
+    tok_s, lp, top_ids, top_lp, hit = sample(lg, sb, pen, select=select, compaction_impl=compaction_impl)
+    state = _record(state, rows, live, tok_s, x.positions[at] + 1, hit)
+    done = live & (hit | (sb.step + 1 >= sb.max_tokens))
+    idx, n = nonzero(done, size=rows.shape[0], impl=compaction_impl)
+    out = StepOutputs(jnp.where(live, tok_s, -1)[None], lp[None], top_ids[None], top_lp[None],
+                      live.astype(jnp.int32), idx, n)
+    return k, v, state, out
 
 
 def _decode(cfg: ModelConfig, model: Llama, K: int, page_size: int, ctx_pages: int, params, k, v,
@@ -132,7 +131,7 @@ def _decode(cfg: ModelConfig, model: Llama, K: int, page_size: int, ctx_pages: i
         ok = live & (pos < C)
         slot_map = jnp.where(ok, tables[jnp.arange(B), jnp.minimum(pos // page_size, P - 1)] * page_size
                              + pos % page_size, -1)
-        meta = AttnMeta(slot_map, tables, jnp.where(ok, pos + 1, 0))
+        meta = AttnMeta(slot_map, RaggedLayout.decode(tables, jnp.where(ok, pos + 1, 0)))
         h, k, v = model.apply({"params": params}, tok_in, jnp.where(ok, pos, 0), k, v, meta)
         lg = logits(cfg, params, h)
         sb = _slot_batch(st, safe)
@@ -151,15 +150,6 @@ def _decode(cfg: ModelConfig, model: Llama, K: int, page_size: int, ctx_pages: i
     return k, v, state, dataclasses.replace(o, finished_idx=idx, num_finished=n)
 
 
-@dataclasses.dataclass(frozen=True)
-class PrefillRow:
-    """One request's prefill chunk (host side)."""
-
-    tokens: list[int]          # tokens to compute
-    start: int                 # position of tokens[0]
-    block_table: list[int]     # device pages of the request
-
-
 class ModelRunner:
     """Owns the step programs and the device slot state. With a tensor-parallel ``mesh``,
     ``params`` are already sharded (engine/sharding.py) and the programs take explicit
@@ -174,13 +164,12 @@ class ModelRunner:
         self.K = ecfg.decode_steps
         # ``kernels``: the engine's KernelChoice (kernels/selection.py), else one string for every op
         kernels = kernels if kernels is not None else ecfg.attn_impl
-        mk = lambda mode: Llama(model_cfg, mode=mode, dtype=dtype, attn_impl=kernels, mesh=mesh)  # noqa: E731
+        model = Llama(model_cfg, dtype=dtype, attn_impl=kernels, mesh=mesh)
         comp = op_impl(kernels, "compaction") if not isinstance(kernels, str) else (
             "pallas" if kernels == "pallas" else "auto")
         samp = dict(select=ecfg.sampling_select, compaction_impl=comp)
-        pre_kw: dict = {"donate_argnums": (1, 2)}
         dec_kw: dict = {"donate_argnums": (1, 2, 3)}
-        smp_kw: dict = {"donate_argnums": (0,)}
+        stp_kw: dict = {"donate_argnums": (1, 2, 3)}
         upd_kw: dict = {"donate_argnums": (0,)}
         pen_kw: dict = {"donate_argnums": (0,)}
         self._replicated = None
@@ -193,17 +182,15 @@ class ModelRunner:
             p_sh = jax.tree.map(lambda a: a.sharding, params)
             kvs = kv.sharding
             st = jax.tree.map(lambda _: rep, self.state)
-            pre_kw.update(in_shardings=(p_sh, kvs, kvs, rep), out_shardings=(rep, kvs, kvs))
             dec_kw.update(in_shardings=(p_sh, kvs, kvs, st, rep, rep), out_shardings=(kvs, kvs, st, rep))
-            smp_kw.update(in_shardings=(st, rep, rep, rep), out_shardings=(st, rep))
+            stp_kw.update(in_shardings=(p_sh, kvs, kvs, st, rep), out_shardings=(kvs, kvs, st, rep))
             upd_kw.update(in_shardings=(st, rep), out_shardings=st)
             pen_kw.update(in_shardings=(st, rep, rep, rep), out_shardings=st)
         self.programs = {
-            "prefill": Program("prefill", jax.jit(functools.partial(_prefill, model_cfg, mk("prefill")), **pre_kw)),
+            "step": Program("step", jax.jit(functools.partial(_step, model_cfg, model, **samp), **stp_kw)),
             "decode": Program("decode", lambda key: jax.jit(functools.partial(
-                _decode, model_cfg, mk("decode"), self.K, self.page_size, key[1] // self.page_size, **samp),
+                _decode, model_cfg, model, self.K, self.page_size, key[1] // self.page_size, **samp),
                 **dec_kw), per_key=True),
-            "sample": Program("sample", jax.jit(functools.partial(_sample_first, **samp), **smp_kw)),
             "apply_rows": Program("apply_rows", jax.jit(apply_rows, **upd_kw)),
             "set_penalties": Program("set_penalties", jax.jit(set_penalties, **pen_kw)),
         }
@@ -230,40 +217,21 @@ class ModelRunner:
                 self.state = self.programs["set_penalties"](1, self.state, *self._put(
                     (np.int32(slot), counts, seen)))
 
-    def _prefill_inputs(self, row: PrefillRow | None, T: int, C: int) -> PrefillInputs:
-        S = self.page_size
-        tokens = np.zeros(T, np.int32)
-        positions = np.full(T, -1, np.int32)
-        slots = np.full(T, -1, np.int32)
-        table = np.zeros((1, C // S), np.int32)
-        last = np.zeros(1, np.int32)
-        if row is not None:
-            n = len(row.tokens)
-            pos = np.arange(row.start, row.start + n, dtype=np.int32)
-            bt = np.asarray(row.block_table[:C // S], np.int32)
-            tokens[:n] = row.tokens
-            positions[:n] = pos
-            slots[:n] = bt[pos // S] * S + pos % S
-            table[0, :len(bt)] = bt
-            last[0] = n - 1
-        return self._put(PrefillInputs(tokens, positions, slots, table, last))
+    def step_shape(self, rows: list[StepRow]) -> StepShape:
+        T = Buckets.pick(self.buckets.step_tokens, sum(r.num_tokens for r in rows))
+        C = Buckets.pick(self.buckets.context, max(r.start + r.num_tokens for r in rows))
+        return StepShape(T, C, self.ecfg.max_batch)
 
-    # ------------------------------------------------------------------ steps
-    def prefill(self, row: PrefillRow, slot: int | None) -> StepOutputs | None:
-        """One chunk of one request. With ``slot`` (the chunk ends the request's known tokens),
-        its next token is sampled into that slot and the (device) outputs returned."""
-        T = Buckets.pick(self.buckets.prefill_tokens, len(row.tokens))
-        C = Buckets.pick(self.buckets.context, row.start + len(row.tokens))
-        x = self._prefill_inputs(row, T, C)
-        with self.guard.watch(f"prefill T={T} C={C}"):
-            lg, self.kv.k, self.kv.v = self.programs["prefill"]((T, C), self.params, self.kv.k, self.kv.v, x)
-            if slot is None:
-                return None
-            pos = np.asarray([row.start + len(row.tokens)], np.int32)
-            self.state, out = self.programs["sample"](1, self.state, lg, *self._put(
-                (np.asarray([slot], np.int32), pos)))
+    def step(self, rows: list[StepRow]) -> tuple[StepOutputs, list[int]]:
+        """One ragged step over ``rows`` (they fit one step: the scheduler's limits); returns the
+        device outputs (being copied to the host) and the rows that sampled, in output-row order."""
+        shape = self.step_shape(rows)
+        x, sampled = pack(shape, rows, self.page_size)
+        with self.guard.watch(f"step T={shape.tokens} C={shape.context}"):
+            self.kv.k, self.kv.v, self.state, out = self.programs["step"](
+                (shape.tokens, shape.context), self.params, self.kv.k, self.kv.v, self.state, self._put(x))
         _copy_async(out)
-        return out
+        return out, sampled
 
     def decode(self, slots: list[int], max_position: int, n_steps: int) -> StepOutputs:
         """Up to ``n_steps`` tokens for each slot (at most max_batch); ``max_position`` is the
@@ -283,22 +251,19 @@ class ModelRunner:
         """Every (program, bucket) the engine can dispatch."""
         b = self.buckets
         out = [("decode", (B, C)) for B, C in b.decode_shapes()]
-        out += [("prefill", (T, C)) for T, C in b.prefill_shapes()]
-        out += [("sample", 1), ("set_penalties", 1)] + [("apply_rows", n) for n in b.decode_batch]
+        out += [("step", (T, C)) for T, C in b.step_shapes()]
+        out += [("set_penalties", 1)] + [("apply_rows", n) for n in b.decode_batch]
         return out
 
     def example_args(self, name: str, key):
         """Arguments of the right shapes for ``name`` at ``key`` (no effect on the engine's state)."""
-        if name == "prefill":
-            T, C = key
-            return (self.params, self.kv.k, self.kv.v, self._prefill_inputs(None, T, C))
+        if name == "step":
+            x, _ = pack(StepShape(key[0], key[1], self.ecfg.max_batch), [], self.page_size)
+            return (self.params, self.kv.k, self.kv.v, self.state, self._put(x))
         if name == "decode":
             B, C = key
             return (self.params, self.kv.k, self.kv.v, self.state, *self._put((np.full(B, -1, np.int32),
                                                                                np.int32(1))))
-        if name == "sample":
-            lg = jnp.zeros((1, self.cfg.vocab_size), jnp.float32)
-            return (self.state, lg, *self._put((np.zeros(1, np.int32), np.zeros(1, np.int32))))
         if name == "set_penalties":
             V = self.cfg.vocab_size
             return (self.state, *self._put((np.int32(0), np.zeros(V, np.float32), np.zeros(V, bool))))

@@ -9,6 +9,9 @@ all-reduce after attention and one after the MLP):
     w_gate/up f[F, D]         P("tp", None)         hidden split
     w_down    f[D, F]         P(None, "tp")         row-parallel (psum)
     lm_head   f[V, D]         P("tp", None)         vocab split (logits all-gathered)
+    we_*      f[E, in, out]   P("tp", None, None)   experts split (models/moe.py: each device runs
+                                                    its experts on every token, one psum)
+    router, q_norm/k_norm, post norms               replicated
     embed     f[V, D]         replicated            (a row gather per token is cheap;
                                                     the tied-output matmul then needs no
                                                     collective of its own)
@@ -123,9 +126,11 @@ def param_specs(params: dict, cfg: ModelConfig, tp: int) -> dict:
     ``[out, in]``); see the module docstring. Dims that do not divide ``tp`` stay replicated."""
     F, V = cfg.intermediate_size, cfg.vocab_size
     col, row = P(AXIS, None), P(None, AXIS)             # split output features / input features
+    experts = P(AXIS, None, None) if cfg.num_experts and cfg.num_experts % tp == 0 else P()
     layer_spec = {"wq": col, "wk": col, "wv": col, "bq": P(AXIS), "bk": P(AXIS), "bv": P(AXIS), "wo": row,
                   "w_gate": col if F % tp == 0 else P(), "w_up": col if F % tp == 0 else P(),
-                  "w_down": row if F % tp == 0 else P()}
+                  "w_down": row if F % tp == 0 else P(),
+                  "we_gate": experts, "we_up": experts, "we_down": experts}    # router, q/k norms: replicated
     specs: dict = {}
     for name, v in params.items():
         if isinstance(v, dict):

@@ -8,7 +8,9 @@ slice is ever copied.
 ``paged_attention(q, k_cache, v_cache, layer, block_tables, seq_lens)``:
   q: f[B, Hq, Dh]; block_tables: i32[B, P_max]; seq_lens: i32[B] (number of
   cached tokens the row attends to, the current token included; 0 = padding
-  row, whose output is 0). Returns f[B, Hq, Dh] in q's dtype.
+  row, whose output is 0). Returns f[B, Hq, Dh] in q's dtype. ``soft_cap``: scores ->
+  cap * tanh(scores / cap); ``window``: sliding window, the row (at position seq_len - 1)
+  sees keys at positions > seq_len - 1 - window.
 
 Backends: ``impl="reference"`` (pure JAX gather + dense softmax, used on CPU),
 ``impl="pallas"`` (GPU/TPU kernel: Triton lowering on GPU, the Mosaic TPU variant in
@@ -22,7 +24,7 @@ from ferry.kernels.common import interpret, resolve_impl
 
 
 def paged_attention_reference(q, k_cache, v_cache, layer, block_tables, seq_lens, *,
-                              scale: float, soft_cap: float | None = None):
+                              scale: float, soft_cap: float | None = None, window: int | None = None):
     B, Hq, Dh = q.shape
     _, Hkv, _, S, _ = k_cache.shape
     G = Hq // Hkv
@@ -35,7 +37,10 @@ def paged_attention_reference(q, k_cache, v_cache, layer, block_tables, seq_lens
     s = s.reshape(B, Hkv, G, P_max * S)
     if soft_cap is not None:
         s = soft_cap * jnp.tanh(s / soft_cap)
-    mask = jnp.arange(P_max * S)[None, :] < seq_lens[:, None]          # [B, C]
+    key = jnp.arange(P_max * S)[None, :]
+    mask = key < seq_lens[:, None]                                     # [B, C]
+    if window is not None:                                             # keys > position - window
+        mask &= key >= seq_lens[:, None] - window
     s = jnp.where(mask[:, None, None, :], s, -jnp.inf)
     m = jnp.max(s, axis=-1, keepdims=True)
     m = jnp.where(jnp.isfinite(m), m, 0.0)
@@ -50,13 +55,14 @@ def paged_attention_reference(q, k_cache, v_cache, layer, block_tables, seq_lens
 
 
 def paged_attention(q, k_cache, v_cache, layer, block_tables, seq_lens, *, scale: float,
-                    soft_cap: float | None = None, impl: str = "auto"):
+                    soft_cap: float | None = None, window: int | None = None, impl: str = "auto"):
     """Dispatch to the reference or the Pallas kernel (see module docstring)."""
     impl = resolve_impl(impl, "paged attention", backends=("gpu", "tpu"))
     if impl == "reference":
         return paged_attention_reference(q, k_cache, v_cache, layer, block_tables, seq_lens,
-                                         scale=scale, soft_cap=soft_cap)
+                                         scale=scale, soft_cap=soft_cap, window=window)
     from ferry.kernels import paged_attention_pallas
+    extra = {} if window is None else {"window": window}
     return paged_attention_pallas.paged_attention(      # CPU: interpret mode (tests)
         q, k_cache, v_cache, layer, block_tables, seq_lens, scale=scale, soft_cap=soft_cap,
-        interpret=interpret())
+        interpret=interpret(), **extra)

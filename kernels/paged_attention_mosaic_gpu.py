@@ -22,7 +22,9 @@ one arrival per page copy), issued ``max_concurrent_steps`` blocks ahead of the 
 Per step: ``s = q @ K^T`` (WGMMA, f32 accumulator ``[64, T]``), mask ``t >= seq_len`` to -inf,
 online softmax in f32, V rows past ``seq_len`` zeroed in SMEM on the last block only (a stale
 NaN must not meet ``0 * NaN`` inside the MMA), ``acc += p @ V`` (WGMMA). The output tile goes
-back through SMEM with one TMA store; XLA slices rows ``< G``.
+back through SMEM with one TMA store; XLA slices rows ``< G``. Sliding window (``window``): the
+walk, and so its TMA copies, starts at the page holding ``seq_len - window``; V rows before it in
+that first block are zeroed in SMEM like the rows past ``seq_len`` in the last one.
 
 Why it might beat the Triton kernel (to be measured): TMA moves each 4 KiB page (S=16, Dh=128,
 bf16) with one instruction and no register traffic, the ring keeps ``max_concurrent_steps`` x
@@ -66,7 +68,8 @@ def _check(q, k_cache, v_cache, block_tables, seq_lens):
 
 
 def _kernel(q_hbm, k_hbm, v_hbm, meta_hbm, o_hbm, q_smem, k_smem, v_smem, meta_smem, o_smem,
-            meta_bar, q_bar, k_bars, v_bars, *, scale, soft_cap, page_size, steps, head_dim, interpret):
+            meta_bar, q_bar, k_bars, v_bars, *, scale, soft_cap, page_size, steps, head_dim, interpret,
+            window=None):
     b, h = lax.axis_index("b"), lax.axis_index("h")
     ppb = BLOCK_TOKENS // page_size
     plgpu.copy_gmem_to_smem(meta_hbm.at[b], meta_smem, meta_bar.at[0])
@@ -74,11 +77,17 @@ def _kernel(q_hbm, k_hbm, v_hbm, meta_hbm, o_hbm, q_smem, k_smem, v_smem, meta_s
     plgpu.barrier_wait(meta_bar.at[0])
     seq_len = meta_smem[0]
     layer = meta_smem[1]
-    n_blocks = (seq_len + BLOCK_TOKENS - 1) // BLOCK_TOKENS
+    if window is None:
+        first, start = 0, 0
+    else:                       # sliding window: keys >= lo; the walk starts at the page holding lo,
+        lo = jnp.maximum(seq_len - window, 0)                           # so no TMA copy is issued for
+        first = lo // page_size                                         # the pages before it
+        start = first * page_size
+    n_blocks = (seq_len - start + BLOCK_TOKENS - 1) // BLOCK_TOKENS
 
     def issue(blk, slot):
         for j in range(ppb):                                            # one TMA copy per page
-            page = meta_smem[META + blk * ppb + j]
+            page = meta_smem[META + first + blk * ppb + j]
             dst = pl.ds(j * page_size, page_size)
             plgpu.copy_gmem_to_smem(k_hbm.at[layer, h, page], k_smem.at[slot, dst], k_bars.at[slot])
             plgpu.copy_gmem_to_smem(v_hbm.at[layer, h, page], v_smem.at[slot, dst], v_bars.at[slot])
@@ -111,8 +120,11 @@ def _kernel(q_hbm, k_hbm, v_hbm, meta_hbm, o_hbm, q_smem, k_smem, v_smem, meta_s
             s = pl.run_scoped(qk, plgpu.ACC((ROWS, BLOCK_TOKENS), jnp.float32)) * scale
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)
-        tok = blk * BLOCK_TOKENS + iota((ROWS, BLOCK_TOKENS), 1)
-        s = jnp.where(tok < seq_len, s, -jnp.inf)
+        tok = start + blk * BLOCK_TOKENS + iota((ROWS, BLOCK_TOKENS), 1)
+        valid = tok < seq_len
+        if window is not None:                  # the first page's head; positions < start are never
+            valid &= (tok >= lo) | (tok < start)    # visited (deliberately unmasked: tests poison them)
+        s = jnp.where(valid, s, -jnp.inf)
         m_new = jnp.maximum(m_i, s.max(axis=1))                         # finite: >= 1 valid token per block
         alpha = jnp.exp(m_i - m_new)
         p = jnp.exp(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
@@ -120,11 +132,18 @@ def _kernel(q_hbm, k_hbm, v_hbm, meta_hbm, o_hbm, q_smem, k_smem, v_smem, meta_s
         acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
         plgpu.barrier_wait(v_bars.at[slot])
 
-        @pl.when(blk == n_blocks - 1)                                    # stale rows past seq_len: zero
+        edge = blk == n_blocks - 1                                       # stale rows past seq_len: zero
+        if window is not None:
+            edge |= blk == 0                                             # and the rows before lo
+
+        @pl.when(edge)
         def _mask_v():
-            row = blk * BLOCK_TOKENS + iota((BLOCK_TOKENS, head_dim), 0)
+            row = start + blk * BLOCK_TOKENS + iota((BLOCK_TOKENS, head_dim), 0)
+            keep = row < seq_len
+            if window is not None:
+                keep &= (row >= lo) | (row < start)
             v = v_smem[slot]
-            v_smem[slot] = jnp.where(row < seq_len, v, jnp.zeros_like(v))
+            v_smem[slot] = jnp.where(keep, v, jnp.zeros_like(v))
             plgpu.commit_smem()
 
         def pv(acc_ref):                                                 # a fresh accumulator (not
@@ -152,9 +171,10 @@ def _interpret_params():
     return InterpretGPUParams()
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "soft_cap", "max_concurrent_steps", "interpret"))
+@functools.partial(jax.jit, static_argnames=("scale", "soft_cap", "window", "max_concurrent_steps", "interpret"))
 def paged_attention(q, k_cache, v_cache, layer, block_tables, seq_lens, *, scale: float,
-                    soft_cap: float | None = None, max_concurrent_steps: int = 2, interpret: bool = False):
+                    soft_cap: float | None = None, window: int | None = None, max_concurrent_steps: int = 2,
+                    interpret: bool = False):
     """Same contract as ``kernels.paged_attention.paged_attention_reference`` (see module docstring).
 
     q: bf16/f16[B, Hq, Dh] (Dh a multiple of 64); k_cache, v_cache: [L, Hkv, P, S, Dh] of q's dtype
@@ -162,14 +182,19 @@ def paged_attention(q, k_cache, v_cache, layer, block_tables, seq_lens, *, scale
     ``max_concurrent_steps``: depth of the SMEM ring (64-token blocks in flight per program).
     ``interpret``: True runs Mosaic GPU's interpret mode on the CPU (it simulates SMEM, TMA and
     barriers; JAX >= 0.10's private ``InterpretGPUParams``); there the two products are plain dots,
-    since that mode has no WGMMA on a transposed ref or a register operand."""
+    since that mode has no WGMMA on a transposed ref or a register operand.
+    ``window`` (static): sliding window, keys at positions ``>= seq_len - window``; the page walk
+    (and its TMA copies) starts at the page holding the first of them."""
     _check(q, k_cache, v_cache, block_tables, seq_lens)
+    if window is not None and window < 1:
+        raise ValueError(f"window must be a positive int or None, got {window!r}")
     B, Hq, Dh = q.shape
     _, Hkv, _, S, _ = k_cache.shape
     G = Hq // Hkv
     ppb = BLOCK_TOKENS // S
     P_max = block_tables.shape[1]
-    n_pages = -(-P_max // ppb) * ppb + (-(META + -(-P_max // ppb) * ppb)) % 32  # table padded: whole blocks,
+    n_tab = (-(-P_max // ppb) + (window is not None)) * ppb                  # window: walk from a page start
+    n_pages = n_tab + (-(META + n_tab)) % 32                                  # table padded: whole blocks,
     meta = jnp.concatenate([                                                  # row a multiple of 128 bytes
         seq_lens.astype(jnp.int32)[:, None],
         jnp.broadcast_to(jnp.asarray(layer, jnp.int32), (B, 1)),
@@ -181,7 +206,8 @@ def paged_attention(q, k_cache, v_cache, layer, block_tables, seq_lens, *, scale
     tiles = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     dtype = q.dtype
     kernel = functools.partial(_kernel, scale=float(scale), soft_cap=soft_cap, page_size=S, steps=steps,
-                               head_dim=Dh, interpret=bool(interpret))
+                               head_dim=Dh, interpret=bool(interpret),
+                               window=window)
     out = plgpu.kernel(
         kernel,
         out_type=jax.ShapeDtypeStruct((B, Hkv, ROWS, Dh), dtype),

@@ -28,6 +28,11 @@ lanes of ``acc`` are sliced off before the combine. Power-of-two head dims
 take the unchanged contiguous-row loads.
 ``num_splits`` defaults from ``(B, Hkv, pages)`` so that small batches with
 long contexts still put ~2 programs on each of the H100's 132 SMs.
+Sliding window (``window``): the row sees keys ``>= seq_len - window``. Its walk
+starts at the page holding the first of them (dynamic bound from ``seq_len``), and
+the splits cut that live range evenly per row (``num_splits`` defaults from the
+pages a window spans), so pages wholly before the window are never loaded; the
+mask only trims the head of the first page.
 
 Triton vs Mosaic GPU: this kernel is a data-dependent gather of small pages
 (16 tokens x 256 bytes per head), which Triton expresses as pointer arithmetic
@@ -57,7 +62,8 @@ from ferry.kernels.common import pow2
 
 def _kernel(lens_ref, bt_ref, layer_ref, q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, *,
             scale: float, soft_cap: float | None, G: int, Gp: int, page_size: int,
-            pages_per_block: int, blocks_per_split: int, head_dim: int):
+            pages_per_block: int, blocks_per_split: int, head_dim: int, window: int | None = None,
+            num_splits: int = 1):
     b, h, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     seq_len = lens_ref[b]
     layer = layer_ref[0]
@@ -70,8 +76,18 @@ def _kernel(lens_ref, bt_ref, layer_ref, q_ref, k_ref, v_ref, m_ref, l_ref, acc_
     else:                                                            # lanes d >= Dh: clamped (valid) loads,
         lanes = (jnp.minimum(jnp.arange(Dp), head_dim - 1)[None, :],)   # zeros in q cancel them in q @ K^T
     tf32 = q.dtype != jnp.float32                                    # f32 caches: exact f32 dots on GPU
-    tok0 = sp * blocks_per_split * T                                 # first token of this split
-    span = jnp.clip(seq_len - tok0, 0, blocks_per_split * T)
+    if window is None:
+        tok0 = sp * blocks_per_split * T                             # first token of this split
+        span = jnp.clip(seq_len - tok0, 0, blocks_per_split * T)
+    else:
+        # Sliding window: keys at positions >= lo. The walk starts at the first page holding one
+        # (page-aligned ``start``) and the row's live blocks are cut evenly over the splits, so the
+        # pages before it are never loaded (dynamic loop bounds, not a mask).
+        lo = jnp.maximum(seq_len - window, 0)
+        start = lo // page_size * page_size
+        per = ((seq_len - start + T - 1) // T + num_splits - 1) // num_splits    # blocks per split
+        tok0 = start + sp * per * T
+        span = jnp.clip(seq_len - tok0, 0, per * T)
     n_iter = (span + T - 1) // T
     tok = jnp.arange(T, dtype=jnp.int32)
 
@@ -85,6 +101,11 @@ def _kernel(lens_ref, bt_ref, layer_ref, q_ref, k_ref, v_ref, m_ref, l_ref, acc_
         k = k_ref[(layer, h, page, off) + lanes]                     # [T, Dp] rows of Dh contiguous
         v = v_ref[(layer, h, page, off) + lanes]
         valid = t < seq_len                                          # [T]
+        if window is not None:
+            # Trims the head of the first page only. Positions < start are never visited (loop
+            # bounds), so they are deliberately left unmasked: a bound that let one in would
+            # show (the tests poison those pages with NaN).
+            valid &= (t >= lo) | (t < start)
         s = plgpu.dot(q, k.astype(q.dtype), trans_b=True, allow_tf32=tf32).astype(jnp.float32) * scale   # [Gp, T]
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)
@@ -144,10 +165,10 @@ def _check(q, k_cache, v_cache, block_tables, seq_lens, pages_per_block, num_spl
         raise ValueError(f"page size {S} must be a power of two")
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "soft_cap", "num_splits", "pages_per_block",
+@functools.partial(jax.jit, static_argnames=("scale", "soft_cap", "window", "num_splits", "pages_per_block",
                                              "num_warps", "num_stages", "backend", "interpret"))
 def paged_attention(q, k_cache, v_cache, layer, block_tables, seq_lens, *, scale: float,
-                    soft_cap: float | None = None, num_splits: int | None = None,
+                    soft_cap: float | None = None, window: int | None = None, num_splits: int | None = None,
                     pages_per_block: int | None = None, num_warps: int = 4, num_stages: int = 2,
                     backend: str | None = None, interpret: bool = False):
     """Same contract as ``kernels.paged_attention.paged_attention_reference``.
@@ -157,14 +178,19 @@ def paged_attention(q, k_cache, v_cache, layer, block_tables, seq_lens, *, scale
     Knobs: ``num_splits`` (split-K partitions, default from the grid), ``pages_per_block``
     (pages per loop iteration), ``num_warps``/``num_stages`` (Triton). ``backend``: "gpu"
     (Triton kernel, also used in interpret mode) or "tpu" (Mosaic TPU variant); default
-    from ``jax.default_backend()``.
+    from ``jax.default_backend()``. ``window`` (static): sliding window, the row sees keys at
+    positions ``>= seq_len - window``; the page walk starts at the first page holding one (pages
+    wholly before the window are never read) and split-K cuts only the window's pages.
     """
     _check(q, k_cache, v_cache, block_tables, seq_lens, pages_per_block, num_splits)
+    if window is not None and window < 1:
+        raise ValueError(f"window must be a positive int or None, got {window!r}")
     backend = backend or ("tpu" if jax.default_backend() == "tpu" else "gpu")
     if backend == "tpu":
         from ferry.kernels import _tpu_paged_attention
         return _tpu_paged_attention.paged_attention(q, k_cache, v_cache, layer, block_tables, seq_lens,
-                                                    scale=scale, soft_cap=soft_cap, interpret=interpret)
+                                                    scale=scale, soft_cap=soft_cap, window=window,
+                                                    interpret=interpret)
     B, Hq, Dh = q.shape
     _, Hkv, _, S, _ = k_cache.shape
     G = Hq // Hkv
@@ -173,12 +199,20 @@ def paged_attention(q, k_cache, v_cache, layer, block_tables, seq_lens, *, scale
     P_max = block_tables.shape[1]
     ppb = pages_per_block or default_pages_per_block(S, P_max)
     n_blocks = -(-P_max // ppb)
-    n = min(num_splits or default_splits(B, Hkv, n_blocks), n_blocks)
-    per = -(-n_blocks // n)                                           # token blocks per split
-    tables = jnp.pad(block_tables.astype(jnp.int32), ((0, 0), (0, per * n * ppb - P_max)))  # null page
+    if window is None:
+        n = min(num_splits or default_splits(B, Hkv, n_blocks), n_blocks)
+        per = -(-n_blocks // n)                                       # token blocks per split
+        width = per * n * ppb
+    else:                          # a row's walk: at most window + S - 1 tokens, from a page start
+        live = min(n_blocks, -(-(window + S - 1) // (ppb * S)))
+        n = min(num_splits or default_splits(B, Hkv, live), live)
+        per = -(-live // n)                                           # (the kernel sizes splits per row)
+        width = (n_blocks + 1) * ppb                                  # page-aligned start: <= ppb - 1 pages over
+    tables = jnp.pad(block_tables.astype(jnp.int32), ((0, 0), (0, width - P_max)))  # null page
     layer_arr = jnp.asarray(layer, jnp.int32).reshape(1)
     kernel = functools.partial(_kernel, scale=scale, soft_cap=soft_cap, G=G, Gp=Gp, page_size=S,
-                               pages_per_block=ppb, blocks_per_split=per, head_dim=Dh)
+                               pages_per_block=ppb, blocks_per_split=per, head_dim=Dh, window=window,
+                               num_splits=n)
     qp = q if Dp == Dh else jnp.pad(q, ((0, 0), (0, 0), (0, Dp - Dh)))   # zero lanes: exact scores
     whole = pl.no_block_spec                                          # every ref: raw pointer, indexed in-kernel
     extra = {}

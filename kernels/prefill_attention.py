@@ -13,6 +13,8 @@ request's chunk. q: f[T, Hq, Dh]; block_table: i32[P_max]; positions: i32[T]
 (absolute position of each query token; -1 = padding, output 0). Token t
 attends causally to the request's cached tokens 0..positions[t], which include
 the chunk itself (written by ``write_kv`` first) and all earlier chunks.
+``soft_cap`` and ``window`` as in ``kernels.paged_attention``: with a window, token t
+sees keys at positions > positions[t] - window.
 
 Pallas kernel (GPU Triton lowering; interpret mode in tests):
 ``kernels.prefill_attention_pallas.prefill_attention`` (same contract, tested
@@ -44,7 +46,7 @@ def write_kv(k_cache, v_cache, layer, k, v, slot_mapping, *, impl: str = "auto")
 
 
 def prefill_attention_reference(q, k_cache, v_cache, layer, block_table, positions, *,
-                                scale: float, soft_cap: float | None = None):
+                                scale: float, soft_cap: float | None = None, window: int | None = None):
     T, Hq, Dh = q.shape
     _, Hkv, _, S, _ = k_cache.shape
     G = Hq // Hkv
@@ -56,25 +58,34 @@ def prefill_attention_reference(q, k_cache, v_cache, layer, block_table, positio
     s = jnp.einsum("thgd,hcd->hgtc", qg, k) * scale
     if soft_cap is not None:
         s = soft_cap * jnp.tanh(s / soft_cap)
-    mask = jnp.arange(C)[None, :] <= positions[:, None]                  # [T, C]
+    key = jnp.arange(C)[None, :]
+    mask = key <= positions[:, None]                                     # [T, C]
+    if window is not None:                                               # keys > position - window
+        mask &= key > positions[:, None] - window
     s = jnp.where(mask[None, None], s, -jnp.inf)
     m = jnp.max(s, axis=-1, keepdims=True)
     m = jnp.where(jnp.isfinite(m), m, 0.0)
     p = jnp.exp(s - m)
     l = jnp.sum(p, axis=-1, keepdims=True)
-    # Slots past the longest query position may hold stale data: keep it out (0 * NaN).
-    v = jnp.where((jnp.arange(C) <= jnp.max(positions))[None, :, None], v, 0.0)
+    # Slots past the longest query position (or before the earliest window) may hold stale data or
+    # freed pages: keep them out (0 * NaN).
+    seen = jnp.arange(C) <= jnp.max(positions)
+    if window is not None:
+        first = jnp.min(jnp.where(positions >= 0, positions, jnp.iinfo(jnp.int32).max))
+        seen &= jnp.arange(C) > first - window
+    v = jnp.where(seen[None, :, None], v, 0.0)
     o = jnp.einsum("hgtc,hcd->thgd", p / jnp.maximum(l, 1e-30), v)
     return o.reshape(T, Hq, Dh).astype(q.dtype)
 
 
 def prefill_attention(q, k_cache, v_cache, layer, block_table, positions, *, scale: float,
-                      soft_cap: float | None = None, impl: str = "auto"):
+                      soft_cap: float | None = None, window: int | None = None, impl: str = "auto"):
     """Dispatch to the reference or the Pallas kernel (see module docstring)."""
     if resolve_impl(impl, "prefill attention") == "reference":       # Triton-only: TPU takes the reference
         return prefill_attention_reference(q, k_cache, v_cache, layer, block_table, positions,
-                                           scale=scale, soft_cap=soft_cap)
+                                           scale=scale, soft_cap=soft_cap, window=window)
     from ferry.kernels import prefill_attention_pallas
+    extra = {} if window is None else {"window": window}
     return prefill_attention_pallas.prefill_attention(      # CPU: interpret mode (tests)
         q, k_cache, v_cache, layer, block_table, positions, scale=scale, soft_cap=soft_cap,
-        interpret=interpret())
+        interpret=interpret(), **extra)

@@ -17,7 +17,10 @@ largest position among its rows (the causal bound: later pages are never
 read), with an online softmax in f32. K/V rows are gathered through the
 block table (``[T_kv, Dh]``, contiguous ``Dh`` vectors). Masking uses
 ``where`` on scores and on V, so stale data (NaN) in unwritten slots never
-leaks. A head dim that is not a power of two (Triton tiles must be) runs on
+leaks. Sliding window (``window``): a program's walk starts at the first page
+that any of its rows sees (the page of ``min(position) - window + 1``), so pages
+wholly before every row's window are never read; per-row masks do the rest.
+A head dim that is not a power of two (Triton tiles must be) runs on
 ``Dp = pow2(Dh)`` lanes: the q rows are zero-padded (with the row padding),
 K/V lanes ``d >= Dh`` are clamped loads whose products with q's zero lanes
 vanish, and the output's padded lanes are sliced off. Not compiled or timed on
@@ -37,7 +40,8 @@ from ferry.kernels.common import pow2
 
 
 def _kernel(bt_ref, layer_ref, pos_ref, q_ref, k_ref, v_ref, o_ref, *, scale: float,
-            soft_cap: float | None, page_size: int, pages_per_block: int, head_dim: int):
+            soft_cap: float | None, page_size: int, pages_per_block: int, head_dim: int,
+            window: int | None = None):
     h = pl.program_id(0)
     layer = layer_ref[0]
     q = q_ref[...]                                                    # [BR, Dp] (lanes >= Dh: zeros)
@@ -50,12 +54,21 @@ def _kernel(bt_ref, layer_ref, pos_ref, q_ref, k_ref, v_ref, o_ref, *, scale: fl
     tf32 = q.dtype != jnp.float32
     TK = pages_per_block * page_size
     max_pos = jnp.max(pos)
-    n_iter = (max_pos + TK) // TK                                     # ceil((max_pos + 1) / TK); 0 if all pad
+    if window is None:
+        start = 0
+        n_iter = (max_pos + TK) // TK                                 # ceil((max_pos + 1) / TK); 0 if all pad
+    else:
+        # Sliding window: row r sees keys > pos[r] - window. The walk starts at the first page that
+        # any row of the block sees (``start``, page-aligned; dynamic loop bounds): pages wholly
+        # before every row's window are never read.
+        lo = jnp.maximum(jnp.min(jnp.where(pos >= 0, pos, max_pos)) - window + 1, 0)
+        start = lo // page_size * page_size
+        n_iter = jnp.maximum(max_pos + 1 - start + TK - 1, 0) // TK    # 0 if all padding (max_pos = -1)
     tok = jnp.arange(TK, dtype=jnp.int32)
 
     def body(j, carry):
         m, l, acc = carry
-        t = j * TK + tok                                              # [TK]
+        t = j * TK + tok if window is None else start + j * TK + tok  # [TK]
         page = bt_ref[t // page_size]
         off = t % page_size
         if Dp != head_dim:
@@ -65,12 +78,20 @@ def _kernel(bt_ref, layer_ref, pos_ref, q_ref, k_ref, v_ref, o_ref, *, scale: fl
         s = plgpu.dot(q, k.astype(q.dtype), trans_b=True, allow_tf32=tf32).astype(jnp.float32) * scale
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)
-        s = jnp.where(t[None, :] <= pos[:, None], s, -jnp.inf)        # [BR, TK] causal + padding
+        visible = t[None, :] <= pos[:, None]                          # [BR, TK] causal + padding
+        keep = t <= max_pos                                           # V: never read past the chunk
+        if window is not None:
+            # Positions < start are never visited (loop bounds), so they are deliberately left
+            # unmasked: a bound that let one in would show (the tests poison those pages with NaN).
+            before = t < start
+            visible &= (t[None, :] > pos[:, None] - window) | before[None, :]
+            keep &= (t >= lo) | before                                # first page's head: no row sees it
+        s = jnp.where(visible, s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)             # padding rows: all -inf
         alpha = jnp.exp(m - m_safe)
         p = jnp.exp(s - m_safe[:, None])
-        v = jnp.where((t <= max_pos)[:, None], v, jnp.zeros_like(v))  # never read past the chunk
+        v = jnp.where(keep[:, None], v, jnp.zeros_like(v))            # stale NaN must not meet 0 * NaN
         pv = plgpu.dot(p.astype(v.dtype), v, allow_tf32=tf32).astype(jnp.float32)
         return m_new, l * alpha + jnp.sum(p, axis=1), acc * alpha[:, None] + pv
 
@@ -80,10 +101,10 @@ def _kernel(bt_ref, layer_ref, pos_ref, q_ref, k_ref, v_ref, o_ref, *, scale: fl
     o_ref[...] = (acc / jnp.maximum(l, 1e-30)[:, None]).astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "soft_cap", "block_rows", "pages_per_block",
+@functools.partial(jax.jit, static_argnames=("scale", "soft_cap", "window", "block_rows", "pages_per_block",
                                              "num_warps", "num_stages", "interpret"))
 def prefill_attention(q, k_cache, v_cache, layer, block_table, positions, *, scale: float,
-                      soft_cap: float | None = None, block_rows: int | None = None,
+                      soft_cap: float | None = None, window: int | None = None, block_rows: int | None = None,
                       pages_per_block: int | None = None, num_warps: int = 4, num_stages: int = 2,
                       interpret: bool = False):
     """Same contract as ``kernels.prefill_attention.prefill_attention_reference``.
@@ -92,8 +113,12 @@ def prefill_attention(q, k_cache, v_cache, layer, block_table, positions, *, sca
     block_table: i32[P_max]; positions: i32[T]. Returns f[T, Hq, Dh] in q's dtype.
     Knobs: ``block_rows`` (query rows per program, power of two >= 16, default 64),
     ``pages_per_block`` (pages per loop iteration, default ~64 tokens), Triton
-    ``num_warps``/``num_stages``.
+    ``num_warps``/``num_stages``. ``window`` (static): sliding window, token t sees keys at
+    positions ``> positions[t] - window``; each program's page walk starts at the first page any of
+    its rows sees, so pages wholly before every row's window are never read.
     """
+    if window is not None and window < 1:
+        raise ValueError(f"window must be a positive int or None, got {window!r}")
     if q.ndim != 3 or k_cache.ndim != 5 or k_cache.shape != v_cache.shape or block_table.ndim != 1:
         raise ValueError(f"expected q[T, Hq, Dh], caches [L, Hkv, P, S, Dh], block_table[P_max]; got "
                          f"{q.shape}, {k_cache.shape}, {v_cache.shape}, {block_table.shape}")
@@ -113,13 +138,14 @@ def prefill_attention(q, k_cache, v_cache, layer, block_table, positions, *, sca
     rows = q.reshape(T, Hkv, G, Dh).transpose(1, 0, 2, 3).reshape(Hkv, R, Dh)
     rows = jnp.pad(rows, ((0, 0), (0, n_rb * BR - R), (0, Dp - Dh)))  # zero lanes: exact scores
     pos = jnp.pad(jnp.repeat(positions.astype(jnp.int32), G), (0, n_rb * BR - R), constant_values=-1)
-    table = jnp.pad(block_table.astype(jnp.int32), (0, (-(-P_max // ppb)) * ppb - P_max))   # null page
+    width = (-(-P_max // ppb) + (window is not None)) * ppb           # window: page-aligned start, <= ppb - 1 over
+    table = jnp.pad(block_table.astype(jnp.int32), (0, width - P_max))   # null page
     extra = {}
     if not interpret:
         extra["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     out = pl.pallas_call(
         functools.partial(_kernel, scale=scale, soft_cap=soft_cap, page_size=S, pages_per_block=ppb,
-                          head_dim=Dh),
+                          head_dim=Dh, window=window),
         grid=(Hkv, n_rb),
         in_specs=[pl.no_block_spec, pl.no_block_spec, pl.BlockSpec((BR,), lambda h, r: (r,)),
                   pl.BlockSpec((None, BR, Dp), lambda h, r: (h, r, 0)), pl.no_block_spec, pl.no_block_spec],

@@ -1,6 +1,9 @@
-"""Model configuration for Llama-family decoders (Llama 2/3, SmolLM, Mistral, Qwen2).
+"""Model configuration of every decoder family Ferry serves (docs/MODELS.md).
 
-One frozen dataclass, built from GGUF metadata or from an HF ``config.json``.
+One frozen dataclass, built from GGUF metadata (models/gguf_config.py) or from an HF
+``config.json`` (models/hf_config.py). Families differ only by the features below
+(q/k norms, sliding windows, soft-caps, sandwich norms, GeLU, scaled embeddings,
+routed experts); models/llama.py is one decoder driven by them.
 Parameter layout used everywhere in Ferry (``params`` pytree; weights are
 ``[in, out]``; per-layer tensors are stacked on a leading ``L`` axis)::
 
@@ -11,7 +14,14 @@ Parameter layout used everywhere in Ferry (``params`` pytree; weights are
       attn_norm: f[L, D]            mlp_norm: f[L, D]
       wq: f[L, D, Hq*Dh]  wk: f[L, D, Hkv*Dh]  wv: f[L, D, Hkv*Dh]  wo: f[L, Hq*Dh, D]
       bq: f[L, Hq*Dh]     bk: f[L, Hkv*Dh]     bv: f[L, Hkv*Dh]     (only if attention_bias)
-      w_gate: f[L, D, F]  w_up: f[L, D, F]     w_down: f[L, F, D]
+      w_gate: f[L, D, F]  w_up: f[L, D, F]     w_down: f[L, F, D]     (dense MLP; absent with experts)
+      q_norm: f[L, Dh]    k_norm: f[L, Dh]     (only if qk_norm: per-head RMSNorm, Qwen3 / Gemma 3)
+      post_attn_norm, post_mlp_norm: f[L, D]   (only if sandwich_norm: Gemma 2/3; mlp_norm is the pre-MLP norm)
+      router: f[L, D, E]                       (only if num_experts: Mixtral / Qwen3-MoE)
+      we_gate: f[L, E, D, F]  we_up: f[L, E, D, F]  we_down: f[L, E, F, D]   (experts, F = expert width)
+
+Norm weights are the multipliers actually applied: Gemma's ``(1 + w)`` RMSNorm is
+stored as ``1 + w`` (llama.cpp's GGUF converter stores it the same way).
 
 q/k projections use the HF ("rotate_half") RoPE layout; GGUF's interleaved
 layout is un-permuted at load time.
@@ -25,12 +35,13 @@ from typing import Any, Mapping
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-    """Llama-3 style frequency scaling ("rope_type": "llama3")."""
+    """Llama-3 style frequency scaling ("rope_type": "llama3"), or "linear" (positions / factor, Gemma 3)."""
 
     factor: float = 8.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    rope_type: str = "llama3"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +63,26 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     architecture: str = "llama"
     name: str = "model"
+    # ---- family features (defaults = Llama) ----
+    qk_norm: bool = False                     # per-head RMSNorm of q and k before RoPE
+    sliding_window: int | None = None         # key p' visible from query p iff p' > p - window
+    layer_types: tuple[str, ...] = ()         # per layer "sliding_attention" | "full_attention"; () = all full
+    rope_local_theta: float | None = None     # RoPE base of sliding layers (Gemma 3; no scaling there)
+    attn_scale: float | None = None           # q.k multiplier; None = head_dim ** -0.5
+    attn_logit_softcap: float | None = None   # scores -> cap * tanh(scores / cap)
+    final_logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap)
+    sandwich_norm: bool = False               # Gemma 2/3: norms before and after attention and MLP
+    hidden_act: str = "silu"                  # "silu" | "gelu_tanh"
+    scale_embeddings: bool = False            # Gemma: embeddings * sqrt(D)
+    num_experts: int = 0                      # E; 0 = dense MLP
+    num_experts_per_tok: int = 0              # top-k
+    norm_topk_prob: bool = True               # renormalise the top-k softmax weights
+
+    def window(self, layer: int) -> int | None:
+        """Sliding window of ``layer`` (None = global attention)."""
+        if self.sliding_window is None or not self.layer_types:
+            return None
+        return self.sliding_window if self.layer_types[layer] == "sliding_attention" else None
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -61,6 +92,13 @@ class ModelConfig:
                   "num_kv_heads", "head_dim"):
             if getattr(self, f) <= 0:
                 raise ValueError(f"model config: {f} must be positive, got {getattr(self, f)}")
+        if self.layer_types and len(self.layer_types) != self.num_layers:
+            raise ValueError(f"model config: {len(self.layer_types)} layer_types for {self.num_layers} layers")
+        if self.hidden_act not in ("silu", "gelu_tanh"):
+            raise ValueError(f"model config: unsupported hidden_act {self.hidden_act!r}")
+        if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"model config: num_experts_per_tok={self.num_experts_per_tok} "
+                             f"with num_experts={self.num_experts}")
 
     @property
     def q_per_kv(self) -> int:
@@ -69,53 +107,29 @@ class ModelConfig:
     def num_params(self) -> int:
         D, F, V, L = self.hidden_size, self.intermediate_size, self.vocab_size, self.num_layers
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        per_layer = 2 * D + D * q + 2 * D * kv + q * D + 3 * D * F
+        mlp = self.num_experts * 3 * D * F + D * self.num_experts if self.num_experts else 3 * D * F
+        per_layer = 2 * D + D * q + 2 * D * kv + q * D + mlp
         if self.attention_bias:
             per_layer += q + 2 * kv
+        if self.qk_norm:
+            per_layer += 2 * self.head_dim
+        if self.sandwich_norm:
+            per_layer += 2 * D
         return V * D + D + L * per_layer + (0 if self.tie_word_embeddings else D * V)
 
     # ------------------------------------------------------------------ builders
     @classmethod
     def from_hf_dict(cls, cfg: Mapping[str, Any], name: str = "model") -> "ModelConfig":
-        """Build from an HF ``config.json`` dict (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)."""
-        archs = cfg.get("architectures") or ["LlamaForCausalLM"]
-        arch = archs[0]
-        supported = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-        if arch not in supported:
-            raise ValueError(f"unsupported architecture {arch!r}; supported: {', '.join(supported)}")
-        num_heads = int(cfg["num_attention_heads"])
-        hidden = int(cfg["hidden_size"])
-        head_dim = int(cfg.get("head_dim") or hidden // num_heads)
-        rs = cfg.get("rope_scaling") or cfg.get("rope_parameters") or None   # transformers 5 nests it
-        scaling = None
-        if rs and rs.get("rope_type", rs.get("type")) == "llama3":
-            scaling = RopeScaling(
-                factor=float(rs["factor"]), low_freq_factor=float(rs["low_freq_factor"]),
-                high_freq_factor=float(rs["high_freq_factor"]),
-                original_max_position_embeddings=int(rs["original_max_position_embeddings"]))
-        elif rs and rs.get("rope_type", rs.get("type")) not in (None, "default"):
-            raise ValueError(f"unsupported rope_scaling {rs!r}")
-        eos = cfg.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
-        rope_theta = cfg.get("rope_theta")
-        if rope_theta is None:
-            rope_theta = (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
-        return cls(
-            vocab_size=int(cfg["vocab_size"]), hidden_size=hidden,
-            intermediate_size=int(cfg["intermediate_size"]),
-            num_layers=int(cfg["num_hidden_layers"]), num_heads=num_heads,
-            num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads), head_dim=head_dim,
-            rope_theta=float(rope_theta), rope_scaling=scaling,
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            attention_bias=bool(cfg.get("attention_bias", arch == "Qwen2ForCausalLM")),
-            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
-            bos_token_id=cfg.get("bos_token_id"), eos_token_ids=tuple(int(e) for e in eos_ids),
-            architecture={"Qwen2ForCausalLM": "qwen2"}.get(arch, "llama"), name=name)
+        """Build from an HF ``config.json`` dict (families in models/hf_config.py)."""
+        from ferry.models.hf_config import config_kwargs
+        kw = config_kwargs(cfg, name)
+        rs = kw.pop("rope_scaling")
+        return cls(rope_scaling=RopeScaling(**rs) if rs else None, **kw)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["eos_token_ids"] = list(self.eos_token_ids)
+        d["layer_types"] = list(self.layer_types)
         return d
 
     @classmethod
@@ -123,6 +137,7 @@ class ModelConfig:
         d = dict(d)
         rs = d.pop("rope_scaling", None)
         d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
+        d["layer_types"] = tuple(d.get("layer_types", ()))
         return cls(rope_scaling=RopeScaling(**rs) if rs else None, **d)
 
     def to_json(self) -> str:
@@ -155,4 +170,17 @@ SHAPES: dict[str, ModelConfig] = {
         vocab_size=512, hidden_size=96, intermediate_size=192, num_layers=2, num_heads=9,
         num_kv_heads=3, head_dim=16, attention_bias=True,
         max_position_embeddings=1024, eos_token_ids=(2,), name="tiny-gqa3"),
+    # Every Gemma 2/3 feature at once (sliding + global layers with their own RoPE bases, soft-caps,
+    # q/k norms, sandwich norms, GeLU, scaled embeddings) and a routed-experts model.
+    "tiny-gemma": ModelConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+        head_dim=16, rms_norm_eps=1e-6, tie_word_embeddings=True, max_position_embeddings=1024, eos_token_ids=(2,),
+        architecture="gemma3", name="tiny-gemma", qk_norm=True, sliding_window=8,
+        layer_types=("sliding_attention", "full_attention"), rope_local_theta=10000.0, rope_theta=1e6,
+        attn_scale=24 ** -0.5, attn_logit_softcap=5.0, final_logit_softcap=3.0, sandwich_norm=True,
+        hidden_act="gelu_tanh", scale_embeddings=True),
+    "tiny-moe": ModelConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+        head_dim=16, max_position_embeddings=1024, eos_token_ids=(2,), architecture="qwen3moe", name="tiny-moe",
+        qk_norm=True, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False),
 }

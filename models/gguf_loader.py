@@ -1,14 +1,21 @@
 """GGUF -> (ModelConfig, storage-layout numpy params, Tokenizer).
 
-Tensor names (llama.cpp) -> Ferry's storage layout (models/config.py):
+Tensor names (llama.cpp) -> Ferry's storage layout (models/config.py; metadata: models/gguf_config.py):
   token_embd -> embed [V, D]; output_norm -> final_norm; output -> lm_head [D, V] (absent: tied)
-  blk.N.{attn_norm, ffn_norm} -> attn_norm, mlp_norm
+  blk.N.attn_norm -> attn_norm; blk.N.ffn_norm -> mlp_norm (Gemma: the pre-MLP norm)
+  blk.N.{post_attention_norm, post_ffw_norm} -> post_attn_norm, post_mlp_norm          (gemma2/3)
   blk.N.{attn_q, attn_k, attn_v, attn_output} -> wq, wk, wv, wo   ([in, out])
-  blk.N.{attn_q, attn_k, attn_v}.bias -> bq, bk, bv              (qwen2)
+  blk.N.attn_qkv -> wq, wk, wv (split by rows)                                          (phi3)
+  blk.N.{attn_q, attn_k, attn_v}.bias -> bq, bk, bv                                      (qwen2)
+  blk.N.{attn_q_norm, attn_k_norm} -> q_norm, k_norm                                     (qwen3, gemma3, qwen3moe)
   blk.N.{ffn_gate, ffn_up, ffn_down} -> w_gate, w_up, w_down
+  blk.N.ffn_up [2F, D] without ffn_gate -> w_gate (first half), w_up                    (phi3)
+  blk.N.ffn_gate_inp [E, D] -> router; blk.N.ffn_{gate,up,down}_exps -> we_gate, we_up, we_down
+                                                                           (llama with experts, qwen3moe)
 llama.cpp's converter interleaves the rows of q/k for Llama-architecture
 models (its RoPE pairs adjacent dims); they are un-permuted back to the HF
-"rotate_half" layout that models/llama.py uses.
+"rotate_half" layout that models/llama.py uses. Gemma's norms are stored by
+llama.cpp as ``1 + w`` already, which is Ferry's layout too.
 """
 from __future__ import annotations
 
@@ -18,15 +25,18 @@ import os
 import numpy as np
 
 from ferry.models.config import ModelConfig, RopeScaling
+from ferry.models.gguf_config import SUPPORTED_ARCHS, config_from_metadata, model_name  # noqa: F401
 from ferry.models.gguf_quants import dequantize
 from ferry.models.tokenizer import Tokenizer
 
-SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
-_PERMUTED_QK = ("llama", "mistral")
+_PERMUTED_QK = ("llama", "mistral", "mixtral")
 _LAYER = {"attn_norm.weight": "attn_norm", "ffn_norm.weight": "mlp_norm", "attn_q.weight": "wq",
           "attn_k.weight": "wk", "attn_v.weight": "wv", "attn_output.weight": "wo", "attn_q.bias": "bq",
           "attn_k.bias": "bk", "attn_v.bias": "bv", "ffn_gate.weight": "w_gate", "ffn_up.weight": "w_up",
-          "ffn_down.weight": "w_down"}
+          "ffn_down.weight": "w_down", "attn_q_norm.weight": "q_norm", "attn_k_norm.weight": "k_norm",
+          "post_attention_norm.weight": "post_attn_norm", "post_ffw_norm.weight": "post_mlp_norm",
+          "attn_qkv.weight": "wqkv", "ffn_gate_inp.weight": "router", "ffn_gate_exps.weight": "we_gate",
+          "ffn_up_exps.weight": "we_up", "ffn_down_exps.weight": "we_down"}
 
 
 def _open(path: str):
@@ -52,39 +62,6 @@ def read_metadata(reader) -> dict:
         except Exception:                   # unusual value types we do not need
             continue
     return meta
-
-
-def config_from_metadata(meta: dict, tensor_names: set[str], path: str) -> ModelConfig:
-    arch = meta.get("general.architecture")
-    if arch not in SUPPORTED_ARCHS:
-        raise ValueError(f"{path}: unsupported architecture {arch!r} (supported: {', '.join(SUPPORTED_ARCHS)})")
-    a = lambda k, d=None: meta.get(f"{arch}.{k}", d)  # noqa: E731
-    try:
-        D, Hq = int(a("embedding_length")), int(a("attention.head_count"))
-        eos = meta.get("tokenizer.ggml.eos_token_id")
-        eot = meta.get("tokenizer.ggml.eot_token_id")
-        eos_ids = tuple(dict.fromkeys(int(i) for i in (eos, eot) if i is not None))
-        return ModelConfig(
-            vocab_size=len(meta["tokenizer.ggml.tokens"]), hidden_size=D,
-            intermediate_size=int(a("feed_forward_length")), num_layers=int(a("block_count")),
-            num_heads=Hq, num_kv_heads=int(a("attention.head_count_kv", Hq)),
-            head_dim=int(a("attention.key_length", D // Hq)), rope_theta=float(a("rope.freq_base", 10000.0)),
-            rms_norm_eps=float(a("attention.layer_norm_rms_epsilon", 1e-5)),
-            tie_word_embeddings="output.weight" not in tensor_names,
-            attention_bias="blk.0.attn_q.bias" in tensor_names,
-            max_position_embeddings=int(a("context_length", 2048)),
-            rope_scaling=_rope_scaling(meta, arch, path),
-            bos_token_id=meta.get("tokenizer.ggml.bos_token_id"), eos_token_ids=eos_ids,
-            architecture=arch, name=model_name(path))
-    except KeyError as e:
-        raise ValueError(f"{path}: GGUF metadata lacks {e.args[0]!r}") from e
-
-
-def _rope_scaling(meta: dict, arch: str, path: str) -> RopeScaling | None:
-    kind = meta.get(f"{arch}.rope.scaling.type")
-    if kind not in (None, "none"):
-        raise ValueError(f"{path}: rope scaling type {kind!r} is not supported (only Llama-3 rope_freqs)")
-    return None
 
 
 def llama3_scaling_from_freqs(factors: np.ndarray, head_dim: int, theta: float, orig_ctx: int | None,
@@ -114,18 +91,27 @@ def llama3_factors(rs: RopeScaling, head_dim: int, theta: float) -> np.ndarray:
     return np.where(wavelen < hi_wl, 1.0, np.where(wavelen > lo_wl, rs.factor, mid)).astype(np.float32)
 
 
-def model_name(path: str) -> str:
-    """"SmolLM2-135M-Instruct.Q4_1.gguf" -> "SmolLM2-135M-Instruct"."""
-    stem = os.path.basename(path)
-    stem = stem[:-5] if stem.endswith(".gguf") else stem
-    head, _, tail = stem.rpartition(".")
-    return head if head and (tail.upper().startswith(("Q", "F", "BF", "IQ"))) else stem
-
-
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     """Undo llama.cpp's q/k row interleave. w: [out, in] with out = n_head * Dh."""
     half = w.shape[0] // n_head // 2
     return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _split_fused(cfg: ModelConfig, key: str, w: np.ndarray, has_gate: bool) -> dict[str, np.ndarray]:
+    """Phi-3's fused attn_qkv [(Hq + 2 Hkv) Dh, D] and ffn_up [2F, D] (gate rows first) -> separate weights."""
+    if key == "wqkv":
+        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        wq, wk, wv = np.split(w, [q, q + kv], axis=0)
+        return {"wq": wq, "wk": wk, "wv": wv}
+    if key == "w_up" and not has_gate and not cfg.num_experts and w.shape[0] == 2 * cfg.intermediate_size:
+        g, u = np.split(w, 2, axis=0)
+        return {"w_gate": g, "w_up": u}
+    return {key: w}
+
+
+def _to_storage(w: np.ndarray) -> np.ndarray:
+    """numpy [out, in] -> [in, out]; expert stacks [E, out, in] -> [E, in, out]; vectors unchanged."""
+    return w.T if w.ndim == 2 else (w.transpose(0, 2, 1) if w.ndim == 3 else w)
 
 
 def load_gguf(path: str, progress: bool = False) -> tuple[ModelConfig, dict, Tokenizer]:
@@ -137,7 +123,7 @@ def load_gguf(path: str, progress: bool = False) -> tuple[ModelConfig, dict, Tok
     if "rope_freqs.weight" in tensors:
         t = tensors["rope_freqs.weight"]
         f = dequantize(np.asarray(t.data), int(t.tensor_type), (int(t.n_elements),), what=f"{path}: rope_freqs")
-        orig = meta.get(f"{cfg.architecture}.rope.scaling.original_context_length")
+        orig = meta.get(f"{meta['general.architecture']}.rope.scaling.original_context_length")
         cfg = dataclasses.replace(cfg, rope_scaling=llama3_scaling_from_freqs(
             f, cfg.head_dim, cfg.rope_theta, orig, path))
     tokenizer = Tokenizer.from_gguf_metadata(meta, what=path)
@@ -161,12 +147,17 @@ def load_gguf(path: str, progress: bool = False) -> tuple[ModelConfig, dict, Tok
         w = get(name)
         if key in ("wq", "wk", "bq", "bk") and cfg.architecture in _PERMUTED_QK:
             w = _unpermute(w, cfg.num_heads if key in ("wq", "bq") else cfg.num_kv_heads)
-        layers.setdefault(key, [None] * L)[i] = w.T if w.ndim == 2 else w
+        for k, v in _split_fused(cfg, key, w, f"blk.{i}.ffn_gate.weight" in tensors).items():
+            layers.setdefault(k, [None] * L)[i] = _to_storage(v)
     for key, ws in layers.items():
         if any(w is None for w in ws):
             missing = [i for i, w in enumerate(ws) if w is None]
             raise ValueError(f"{path}: tensor {key} missing for layers {missing[:5]}")
-    for key in ("attn_norm", "mlp_norm", "wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"):
+    mlp = ("router", "we_gate", "we_up", "we_down") if cfg.num_experts else ("w_gate", "w_up", "w_down")
+    need = ("attn_norm", "mlp_norm", "wq", "wk", "wv", "wo") + mlp
+    need += ("q_norm", "k_norm") if cfg.qk_norm else ()
+    need += ("post_attn_norm", "post_mlp_norm") if cfg.sandwich_norm else ()
+    for key in need:
         if key not in layers:
             raise ValueError(f"{path}: no layer tensors for {key!r}")
     params = {"embed": get("token_embd.weight"), "final_norm": get("output_norm.weight"),

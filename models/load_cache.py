@@ -16,7 +16,7 @@ import pathlib
 import shutil
 
 log = logging.getLogger("ferry")
-_LOADER_SOURCES = ("gguf_loader.py", "gguf_quants.py", "tokenizer.py", "orbax_io.py", "config.py")
+_LOADER_SOURCES = ("gguf_loader.py", "gguf_config.py", "gguf_quants.py", "tokenizer.py", "orbax_io.py", "config.py")
 
 
 def cache_key(path: str) -> str:

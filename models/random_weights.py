@@ -44,10 +44,18 @@ def random_params(cfg: ModelConfig, seed: int = 0, dtype=np.float32) -> dict:
         return (rng.standard_normal(shape, np.float32) / np.sqrt(shape[-2])).astype(dtype)
 
     layers = {"attn_norm": np.ones((L, D), dtype), "mlp_norm": np.ones((L, D), dtype),
-              "wq": w(L, D, q), "wk": w(L, D, kv), "wv": w(L, D, kv), "wo": w(L, q, D),
-              "w_gate": w(L, D, F), "w_up": w(L, D, F), "w_down": w(L, F, D)}
+              "wq": w(L, D, q), "wk": w(L, D, kv), "wv": w(L, D, kv), "wo": w(L, q, D)}
+    if cfg.num_experts:
+        E = cfg.num_experts
+        layers.update(router=w(L, D, E), we_gate=w(L, E, D, F), we_up=w(L, E, D, F), we_down=w(L, E, F, D))
+    else:
+        layers.update(w_gate=w(L, D, F), w_up=w(L, D, F), w_down=w(L, F, D))
     if cfg.attention_bias:
         layers.update(bq=w(L, q), bk=w(L, kv), bv=w(L, kv))
+    if cfg.qk_norm:
+        layers.update(q_norm=np.ones((L, cfg.head_dim), dtype), k_norm=np.ones((L, cfg.head_dim), dtype))
+    if cfg.sandwich_norm:
+        layers.update(post_attn_norm=np.ones((L, D), dtype), post_mlp_norm=np.ones((L, D), dtype))
     params = {"embed": rng.standard_normal((V, D), np.float32).astype(dtype), "final_norm": np.ones((D,), dtype), "layers": layers}
     if not cfg.tie_word_embeddings:
         params["lm_head"] = w(D, V)

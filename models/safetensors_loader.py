@@ -6,7 +6,8 @@ torch: safetensors' numpy backend asks numpy for the dtype named ``"bfloat16"``,
 numpy knows once ``ml_dtypes`` is imported (it is, below); so nothing is parsed here by
 hand. What this module adds: the file's name in every error (safetensors' own messages,
 e.g. ``MetadataIncompleteBuffer`` for a truncated file, do not say which shard), and the
-layout change: HF Linear weights are ``[out, in]`` and are transposed to Ferry's ``[in, out]``.
+layout change: HF Linear weights are ``[out, in]`` and are transposed to Ferry's ``[in, out]``
+(per-family tensor names, fused-weight splits and expert stacking: models/hf_tensors.py).
 """
 from __future__ import annotations
 
@@ -18,14 +19,8 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from ferry.models.config import ModelConfig
+from ferry.models.hf_tensors import GEMMA, gemma_norms_plus_one, hf_layer
 from ferry.models.tokenizer import Tokenizer
-
-_LAYER = {"input_layernorm.weight": "attn_norm", "post_attention_layernorm.weight": "mlp_norm",
-          "self_attn.q_proj.weight": "wq", "self_attn.k_proj.weight": "wk", "self_attn.v_proj.weight": "wv",
-          "self_attn.o_proj.weight": "wo", "self_attn.q_proj.bias": "bq", "self_attn.k_proj.bias": "bk",
-          "self_attn.v_proj.bias": "bv", "mlp.gate_proj.weight": "w_gate", "mlp.up_proj.weight": "w_up",
-          "mlp.down_proj.weight": "w_down"}
-
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
     """All tensors of one file as numpy arrays; ValueError naming the file if it is truncated,
@@ -75,14 +70,12 @@ def load_hf_dir(directory: str, progress: bool = False) -> tuple[ModelConfig, di
             raise ValueError(f"{directory}: tensor {name!r} is missing")
         return np.asarray(tensors[name])
 
-    L = cfg.num_layers
-    layers = {}
-    for suffix, key in _LAYER.items():
-        if key in ("bq", "bk", "bv") and not cfg.attention_bias:
-            continue
-        ws = [get(f"model.layers.{i}.{suffix}") for i in range(L)]
-        layers[key] = np.stack([w.T if w.ndim == 2 else w for w in ws])
+    has = tensors.__contains__
+    per_layer = [hf_layer(cfg, get, has, f"model.layers.{i}.") for i in range(cfg.num_layers)]
+    layers = {k: np.stack([d[k] for d in per_layer]) for k in per_layer[0]}
     params = {"embed": get("model.embed_tokens.weight"), "final_norm": get("model.norm.weight"), "layers": layers}
+    if cfg.architecture in GEMMA:                     # Gemma's RMSNorm multiplies by (1 + w)
+        params = gemma_norms_plus_one(params)
     if not cfg.tie_word_embeddings:
         params["lm_head"] = np.ascontiguousarray(get("lm_head.weight").T)
     tok = Tokenizer.from_dir(directory, eos_token_ids=cfg.eos_token_ids)

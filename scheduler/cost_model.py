@@ -3,6 +3,12 @@
     t = base + per_prefill_token * prefill_tokens + per_decode_row * decode_rows
              + per_context_token * context_tokens + per_swap_page * swapped_pages
 
+One step is one dispatch of the engine: a ragged step (prefill chunks of several requests and
+the decode rows in one program) or a decode dispatch, so ``base`` is paid once per step, as in
+the engine since the ragged step (before it, each prefill chunk was its own program and paid its
+own fixed cost, which this model did not charge). A multi-step decode dispatch of K iterations is
+charged K iterations (``Scheduler.schedule``).
+
 Fitted by least squares from a profiling run of the real engine
 (``scripts/profile_cost_model.py``; saved as JSON beside the model) or the
 CPU default below (SmolLM2-135M, f32, 2 cores). The simulator's "gpu" profile

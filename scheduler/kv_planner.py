@@ -42,7 +42,7 @@ class KVPlanner:
             self.counters["swap_out_pages"] += n
             job.host_pages, job.state = host, State.SWAPPED
         elif allow_drop:
-            job.num_computed, job.state = 0, State.WAITING
+            job.num_computed, job.state, job.released = 0, State.WAITING, 0
             self.dropped.append(job.rid)
             self.counters["recomputes"] += 1
         else:

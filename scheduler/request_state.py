@@ -36,6 +36,8 @@ class Job:
     num_computed: int = 0
     pages: list[int] = dataclasses.field(default_factory=list)        # device pages, in order
     host_pages: list[int] = dataclasses.field(default_factory=list)   # host pages while SWAPPED
+    released: int = 0              # leading pages freed: outside the sliding window of every layer
+                                   # (their block-table entries are the null page 0)
     queue: int = 0                 # MLFQ level (0 = highest priority)
     used: float = 0.0              # service the MLFQ quanta measure (seconds; see SkipJoinMLFQ.service)
     enqueued: float = 0.0          # when it entered its current queue (FCFS order inside a queue)
@@ -53,5 +55,5 @@ class Job:
 
     @property
     def num_pages(self) -> int:
-        """Pages holding its KV, wherever they are."""
-        return len(self.host_pages) if self.state == State.SWAPPED else len(self.pages)
+        """Pages its block table covers (released ones included), wherever they are."""
+        return self.released + (len(self.host_pages) if self.state == State.SWAPPED else len(self.pages))

@@ -3,7 +3,8 @@
 Each ``schedule(now)``:
 1. the policy refreshes priorities (starvation guard) and ranks live jobs;
 2. the batch is filled in rank order up to ``max_batch`` rows and
-   ``max_tokens_per_step`` tokens (prefill chunks <= ``max_prefill_chunk``);
+   ``max_tokens_per_step`` tokens (prefill chunks <= ``max_prefill_chunk``, at most
+   ``max_prefill_rows`` of them: the engine runs a plan as one ragged step);
    a job needing device pages gets them from the free pool, else by evicting
    lower-ranked jobs not in the batch: their KV is offloaded to host pages
    (swap-out) or, with no host room, dropped (recompute later);
@@ -50,6 +51,9 @@ class SchedulerConfig:
     cost_model: CostModel | None = None
     decode_steps: int = 1              # most decode iterations per dispatch (multi-step decode)
     tail_slack: float = 2.0            # MLFQ tail guard: wait <= slack * (attained + Q0 quantum) (mlfq.py)
+    max_prefill_rows: int | None = None  # multi-token (prefill chunk) rows per plan (the engine's step size)
+    window: int | None = None          # sliding window (tokens) of EVERY layer: pages wholly before the
+                                       # next query's window are freed (None: keep every page)
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -70,7 +74,7 @@ class Scheduler:
         self.jobs: dict[str, Job] = {}
         self._last_cost = 0.0
         self.counters = {"preemptions": 0, "swap_out_pages": 0, "swap_in_pages": 0, "recomputes": 0,
-                         "finished": 0, "aborted": 0}
+                         "finished": 0, "aborted": 0, "window_pages_freed": 0}
 
     # ------------------------------------------------------------------ jobs in / out
     def pages_for(self, tokens: int) -> int:
@@ -119,6 +123,7 @@ class Scheduler:
         chosen: dict[str, WorkItem] = {}
         kv = KVPlanner(self.device, self.host, self.counters)
         budget = cfg.max_tokens_per_step
+        chunks = 0                                              # multi-token rows chosen
         resident = [v for v in reversed(order) if v.pages]      # KV on device, lowest rank first
         resident_pages = sum(len(v.pages) for v in resident)
         chosen_resident_pages = 0                               # of those, held by chosen jobs
@@ -133,10 +138,12 @@ class Scheduler:
             evictable = resident_pages - chosen_resident_pages - kv.freed_device
             if self.device.num_free + evictable == 0:
                 break                         # every resident job is chosen; the rest need pages
-            if job.rid in kv.evicted:
-                continue
+            if job.rid in kv.evicted or job.generated >= job.max_tokens:
+                continue                      # (at max_tokens: finished, its last tokens not yet read)
             need = job.known - job.num_computed
             n = 1 if need <= 1 else min(need, cfg.max_prefill_chunk, budget)
+            if n > 1 and cfg.max_prefill_rows is not None and chunks >= cfg.max_prefill_rows:
+                continue                      # the step holds no more chunks: decode rows may still join
             new = self.pages_for(job.num_computed + n) - job.num_pages
             want = max(new, 0) + (len(job.host_pages) if job.state == State.SWAPPED else 0)
             if self.device.num_free < want:
@@ -157,6 +164,7 @@ class Scheduler:
                 job.pages += self.device.allocate(new)
             chosen[job.rid] = WorkItem(job.rid, job.num_computed, n, job.num_computed + n >= job.known)
             budget -= n
+            chunks += n > 1
 
         kv.proactive([v for v in idle_on_device(-1) if self.policy.may_offload(v)], order, chosen,
                      int(cfg.offload_watermark * self.device.total))
@@ -166,10 +174,11 @@ class Scheduler:
         for job in live:
             if job.rid in chosen:
                 job.state = State.RUNNING
-            elif job.state == State.RUNNING:
+            elif job.state == State.RUNNING and job.generated < job.max_tokens:
                 job.state = State.PREEMPTED               # left out at the token boundary; KV stays
-        # Running last iteration and left out now, wherever their KV went (kept, offloaded, dropped).
-        preempted = [j.rid for j in was_running if j.rid not in chosen]
+        # Running last iteration and left out now, wherever their KV went (kept, offloaded, dropped);
+        # not those at max_tokens (done, their last tokens not read yet).
+        preempted = [j.rid for j in was_running if j.rid not in chosen and j.generated < j.max_tokens]
         self.counters["preemptions"] += len(preempted)
 
         work = sorted(chosen.values(), key=lambda w: w.num_tokens == 1)       # prefill chunks first
@@ -187,7 +196,8 @@ class Scheduler:
         most one dispatch). Each row gets the pages for its K tokens now (capped by its
         max_tokens); if the free pool cannot hold them, K = 1."""
         K = self.cfg.decode_steps
-        if K <= 1 or not chosen or len(chosen) != len(live) or kv.swap_out or kv.swap_in or kv.dropped:
+        waiting = [j for j in live if j.rid not in chosen and j.generated < j.max_tokens]
+        if K <= 1 or not chosen or waiting or kv.swap_out or kv.swap_in or kv.dropped:
             return 1
         if any(w.num_tokens != 1 or not w.sample for w in chosen.values()):
             return 1
@@ -195,7 +205,7 @@ class Scheduler:
         for rid in chosen:
             job = self.jobs[rid]
             k = max(1, min(K, job.max_tokens - job.generated))
-            extra[rid] = max(0, self.pages_for(job.num_computed + k) - len(job.pages))
+            extra[rid] = max(0, self.pages_for(job.num_computed + k) - job.num_pages)
         if sum(extra.values()) > self.device.num_free:
             return 1
         for rid, n in extra.items():
@@ -217,9 +227,25 @@ class Scheduler:
             job.num_computed = w.start + w.num_tokens + (n - 1 if w.sample else 0)
             if w.sample:
                 job.generated += n
+            self._slide(job)
             self.policy.on_served(job, self._last_cost, now)
         for rid in finished:
             self._release(rid, State.FINISHED)
+
+    def _slide(self, job: Job) -> None:
+        """Free the leading device pages no later query can see: with window W every layer's query
+        at position p >= num_computed sees keys > p - W, so a page whose last key is <= num_computed
+        - W is dead. Dispatches already queued read them before any new owner's writes (device
+        work is ordered). A swapped job keeps its host pages (it is not computing)."""
+        W, S = self.cfg.window, self.cfg.page_size
+        if W is None or not job.pages:
+            return
+        dead = min(max(0, (job.num_computed - W + 1) // S), job.num_pages - 1) - job.released
+        if dead > 0:
+            self.device.free(job.pages[:dead])
+            job.pages = job.pages[dead:]
+            job.released += dead
+            self.counters["window_pages_freed"] += dead
 
     @property
     def last_iteration_cost(self) -> float:
@@ -228,7 +254,9 @@ class Scheduler:
 
     # ------------------------------------------------------------------ queries
     def block_table(self, rid: str) -> list[int]:
-        return list(self.jobs[rid].pages)
+        """Device pages by position; released pages (outside the sliding window) are the null page 0."""
+        job = self.jobs[rid]
+        return [0] * job.released + list(job.pages)
 
     def has_unfinished(self) -> bool:
         return bool(self.jobs)

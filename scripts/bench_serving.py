@@ -4,6 +4,7 @@ usage: python scripts/bench_serving.py --trace FILE --policy mlfq|fcfs|oracle|bo
            --output RESULT.json [--plot CDF.png]
   simulator knobs: --max-batch 32 --num-pages 400 --host-pages 4096 --page-size 16 --cost-model gpu|cpu|FILE
   real engine:     --model (default: SmolLM2) --max-batch 8 --max-model-len 1024 --num-pages N ...
+                   [--baseline-rev REV: the same replay with the engine at git revision REV, in the same run]
 Writes avg/p50/p95/p99 JCT, avg TTFT, throughput and the scheduler counters per policy; with
 ``both`` (FCFS + MLFQ) also the FCFS/MLFQ ratios; with ``all`` (simulator only: adds the oracle SRPT,
 which knows every output length) every policy's ratios over FCFS and over the oracle.
@@ -50,6 +51,33 @@ def run_real(trace, policy, a):
     res = [JobResult(j["arrival"], r["first_token"], r["finish"], j["prompt_len"], j["output_len"])
            for j, r in zip(trace, rows)]
     return res, llm.engine.stats()
+
+
+def run_baseline(a, policies):
+    """The same replay with the engine at ``a.baseline_rev`` (a temporary git worktree, run as a
+    subprocess with that revision's own bench_serving.py); returns its per-policy summaries."""
+    import subprocess
+    import tempfile
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    wt = tempfile.mkdtemp(prefix="ferry-baseline-")
+    res_path = os.path.join(tempfile.mkdtemp(prefix="ferry-baseline-out-"), "baseline.json")
+    subprocess.run(["git", "-C", root, "worktree", "add", "--detach", wt, a.baseline_rev], check=True,
+                   capture_output=True)
+    cmd = [sys.executable, os.path.join(wt, "scripts", "bench_serving.py"), "--trace", os.path.abspath(a.trace),
+           "--policy", a.policy, "--output", res_path, "--max-batch", str(a.max_batch),
+           "--max-model-len", str(a.max_model_len)]
+    for flag, v in (("--model", a.model), ("--num-pages", a.num_pages), ("--host-pages", a.host_pages),
+                    ("--base-quantum", a.base_quantum), ("--starve-limit", a.starve_limit)):
+        if v is not None:
+            cmd += [flag, str(v)]
+    print(f"baseline {a.baseline_rev}:", flush=True)
+    try:
+        subprocess.run(cmd, cwd=wt, env=dict(os.environ, PYTHONPATH=wt), check=True, timeout=7200)
+        with open(res_path) as f:
+            base = json.load(f)
+    finally:
+        subprocess.run(["git", "-C", root, "worktree", "remove", "--force", wt], capture_output=True)
+    return {"rev": a.baseline_rev, **{p: base[p] for p in policies}}
 
 
 def plot(results, path):
@@ -110,6 +138,8 @@ def main():
     ap.add_argument("--base-quantum", type=float, default=None, help="fixed Q0 seconds (default: derived)")
     ap.add_argument("--starve-limit", type=float, default=None, help="s without running -> Q0 (default: none)")
     ap.add_argument("--tail-slack", type=float, default=2.0)
+    ap.add_argument("--baseline-rev", default=None, help="real engine: also replay the trace with the engine "
+                                                         "at this git revision (a worktree), in the same run")
     a = ap.parse_args()
     _refuse_ignored_flags(ap, a)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -142,6 +172,17 @@ def main():
         out["fcfs_over_mlfq"] = {k: f[k] / m[k] for k in ("avg_jct", "p50_jct", "p95_jct", "p99_jct", "avg_ttft")
                                  if m[k] > 0}
         print("FCFS / MLFQ:", {k: round(v, 2) for k, v in out["fcfs_over_mlfq"].items()})
+    if a.baseline_rev:
+        if a.simulate:
+            ap.error("--baseline-rev compares real engines (no --simulate)")
+        out["command"] = "python scripts/bench_serving.py " + " ".join(sys.argv[1:])
+        out["baseline"] = run_baseline(a, policies)
+        for pol in policies:
+            b, n = out["baseline"][pol], out[pol]
+            out[f"{pol}_baseline_over_now"] = {k: b[k] / n[k] for k in keys if n[k] > 0}
+            out[f"{pol}_baseline_over_now"]["throughput_tok_s"] = b["throughput_tok_s"] / n["throughput_tok_s"]
+            print(f"{pol}: baseline {a.baseline_rev} / now:",
+                  {k: round(v, 2) for k, v in out[f"{pol}_baseline_over_now"].items()})
     os.makedirs(os.path.dirname(os.path.abspath(a.output)), exist_ok=True)
     with open(a.output, "w") as fh:
         json.dump(out, fh, indent=2)

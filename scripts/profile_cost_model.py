@@ -2,8 +2,8 @@
 
 usage: python scripts/profile_cost_model.py [--model M] [--max-batch 16] [--max-model-len 512]
            [--repeats 3] [--output FILE]
-Times prefill chunks of every compiled length and single decode iterations at several batch sizes
-and contexts on the real engine (after its warm-up, so nothing compiles while timing), takes the
+Times ragged steps (a prefill chunk of every compiled length alone, and beside decode rows) and
+single decode iterations at several batch sizes and contexts on the real engine (after its warm-up, so nothing compiles while timing), takes the
 median of ``--repeats`` runs each, fits ``scheduler.cost_model.CostModel`` by least squares and
 writes it. Default output: ``<model file without .gguf>.cost_model.json`` beside the model
 (the current directory for ``random:*`` models or a read-only model directory). Use it with
@@ -46,7 +46,7 @@ def main():
 
     from ferry.engine.config import EngineConfig
     from ferry.engine.llm_engine import LLMEngine
-    from ferry.engine.model_runner import PrefillRow
+    from ferry.engine.step_inputs import StepRow
     from ferry.engine.sampling import SamplingRow
     from ferry.engine.sampling_params import SamplingParams
     from ferry.engine.slots import SlotRow
@@ -58,29 +58,35 @@ def main():
     sp = SamplingParams(temperature=0, max_tokens=eng.max_model_len - 1, ignore_eos=True)
     buckets, L = eng.config.buckets(), eng.max_model_len
     pages = list(range(1, -(-L // S) + 1))[:eng.kv.num_pages - 1]
-    shapes = [("prefill", n, 0) for n in buckets.prefill_tokens if n <= L]
-    shapes += [("decode", b, ctx) for b in (1, 2, 4, 8, 16, 32, 64, 128) if b <= a.max_batch
-               for ctx in sorted({min(64, L - 1), min(256, L - 1), L - 1})]
+    budget = buckets.step_tokens[-1]
+    ctx_mid = min(256, L - 1)
+    # (kind, prefill tokens, decode rows, decode context): chunks alone and beside decode rows in one
+    # ragged step, and decode dispatches of one iteration
+    shapes = [("step", n, 0, 0) for n in buckets.step_tokens if n <= L]
+    shapes += [("step", n, b, ctx_mid) for n in buckets.step_tokens for b in (4, a.max_batch)
+               if 16 <= n <= L and n + b <= budget and b <= a.max_batch]
+    shapes += [("decode", 0, b, ctx) for b in (1, 2, 4, 8, 16, 32, 64, 128) if b <= a.max_batch
+               for ctx in sorted({min(64, L - 1), ctx_mid, L - 1})]
     samples = []
-    for kind, n, ctx in tqdm(shapes, desc="profiling steps"):
+    for kind, n, b, ctx in tqdm(shapes, desc="profiling steps"):
         times = []
         for _ in range(a.repeats + 1):                     # the first run is discarded (cache warm-up)
-            if kind == "prefill":
-                toks = list(range(3, 3 + n))
-                t = time.perf_counter()
-                jax.block_until_ready(runner.prefill(PrefillRow(toks, 0, pages), slot=0).tokens)
-            else:                                          # n slots at position ctx over the same pages
-                slots = [eng.slots.bind(f"p{i}", set()) for i in range(n)]
-                for i, s in enumerate(slots):
-                    eng.slots.write(s, SlotRow(f"p{i}", 5, ctx, pages, SamplingRow(sp, 0, 0)), None)
-                runner.apply_updates(*eng.slots.take_updates())
-                t = time.perf_counter()
-                jax.block_until_ready(runner.decode(slots, ctx, 1).tokens)
-                for i in range(n):
-                    eng.slots.release(f"p{i}")
+            # b slots at position ctx over the same pages
+            slots = [eng.slots.bind(f"p{i}", set()) for i in range(b + 1)]
+            for i, s in enumerate(slots):
+                eng.slots.write(s, SlotRow(f"p{i}", 5, ctx, pages, SamplingRow(sp, 0, 0)), None)
+            runner.apply_updates(*eng.slots.take_updates())
+            t = time.perf_counter()
+            if kind == "step":
+                rows = [StepRow(ctx, 1, pages, None, s) for s in slots[:b]]
+                rows.append(StepRow(0, n, pages, list(range(3, 3 + n)), slots[b]))
+                jax.block_until_ready(runner.step(rows)[0].tokens)
+            else:
+                jax.block_until_ready(runner.decode(slots[:b], ctx, 1).tokens)
             times.append(time.perf_counter() - t)
-        sample = ({"prefill_tokens": n, "decode_rows": 0, "context_tokens": n} if kind == "prefill" else
-                  {"prefill_tokens": 0, "decode_rows": n, "context_tokens": n * ctx})
+            for i in range(b + 1):
+                eng.slots.release(f"p{i}")
+        sample = {"prefill_tokens": n, "decode_rows": b, "context_tokens": n + b * ctx}
         samples.append({**sample, "seconds": statistics.median(times[1:])})
     if eng.guard.violations:
         print(f"warning: {eng.guard.violations} compilations while profiling; timings include them")

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from ferry import SamplingParams
-from ferry.models.llama import AttnMeta, Llama, logits
+from ferry.models.attention import one_request_meta
+from ferry.models.llama import Llama, logits
 from ferry.models.naive import naive_greedy
 
 RAW = [
@@ -54,7 +55,7 @@ def test_last_position_logits_match_hf(llm, hf_model, prompts):
     import torch
     eng = llm.engine
     cfg, params = eng.model_config, eng.params
-    model = Llama(cfg, mode="prefill", attn_impl="reference")
+    model = Llama(cfg, attn_impl="reference")
     S = eng.config.page_size
     for ids in prompts[:8]:
         n = len(ids)
@@ -62,7 +63,7 @@ def test_last_position_logits_match_hf(llm, hf_model, prompts):
         kc = jnp.zeros((cfg.num_layers, cfg.num_kv_heads, P + 1, S, cfg.head_dim), jnp.float32)
         pages = np.arange(1, P + 1, dtype=np.int32)
         pos = np.arange(n, dtype=np.int32)
-        meta = AttnMeta(jnp.asarray(pages[pos // S] * S + pos % S), jnp.asarray(pages[None]), jnp.zeros(1, jnp.int32))
+        meta = one_request_meta(pos, pages, S)
         h, _, _ = model.apply({"params": params}, jnp.asarray(ids, jnp.int32), jnp.asarray(pos), kc, kc, meta)
         ours = np.asarray(logits(cfg, params, h[-1:]))[0]
         with torch.inference_mode():

@@ -94,10 +94,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(port, pid, nproc, n):
+def _worker(port, pid, nproc, n, *extra):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     return subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "engine", "multihost_worker.py"), str(port),
-                             str(pid), str(nproc), str(n), "random:tiny-gqa3"],
+                             str(pid), str(nproc), str(n), "random:tiny-gqa3", *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
 
 
@@ -117,6 +117,17 @@ def test_two_processes_give_the_same_tokens_as_one():
         assert r["greedy"] == single["greedy"]
         assert r["seeded"] == single["seeded"]
         assert r["violations"] == 0
+
+
+def test_diverged_plans_fail_on_every_process():
+    """Process 1 plans differently (max_batch 1 against the leader's 4): both processes raise
+    ``PlanDivergence`` at the first step, before dispatching it, instead of blocking in its
+    collectives. The same workers without the fault agree (test above: the positive control)."""
+    port = _free_port()
+    procs = [_worker(port, i, 2, 2, "diverge") for i in range(2)]
+    for p in procs:
+        out, _ = p.communicate(timeout=300)                    # bounded: a hang fails here
+        assert p.returncode == 3 and "DIVERGED multi-host divergence before dispatch" in out, out[-3000:]
 
 
 def test_idle_leader_owes_followers_a_heartbeat(monkeypatch):

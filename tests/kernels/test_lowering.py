@@ -357,10 +357,10 @@ def gpu_runner(monkeypatch):
     return runner, cfg, params, cache
 
 
-def _prefill_inputs(T, P):
-    from ferry.engine.model_runner import PrefillInputs
-    i = lambda *s: SDS(s, I32)  # noqa: E731
-    return PrefillInputs(i(T), i(T), i(T), i(1, P), i(1))
+def _step_inputs(runner, T, C):
+    from ferry.engine.step_inputs import StepShape, pack
+    x, _ = pack(StepShape(T, C, runner.ecfg.max_batch), [], runner.page_size)
+    return jax.tree.map(lambda a: SDS(a.shape, a.dtype), x)
 
 
 def _state_sds(S, P, V):
@@ -368,19 +368,25 @@ def _state_sds(S, P, V):
     return jax.eval_shape(lambda: empty_state(S, P, V))
 
 
-def test_engine_prefill_lowers_with_pallas_kernels(gpu_runner):
-    """The engine's prefill program (caches donated) for CUDA: per layer one K/V write (both caches
-    aliased in place) then one attention kernel, and the donated caches are aliased to the program's
-    outputs, so no cache copy is needed anywhere in the step."""
+def test_engine_step_lowers_with_pallas_kernels(gpu_runner):
+    """The engine's ragged step (caches and slot state donated) for CUDA: per layer one K/V write
+    (both caches aliased in place), the decode kernel for one-token rows and the prefill kernel for
+    query blocks, then the sampler's compactions; the donated caches and slot state are aliased to
+    the program's outputs, so no cache copy is needed anywhere in the step."""
     runner, cfg, params, cache = gpu_runner
-    lowered = runner.programs["prefill"].fn.trace(params, cache, cache, _prefill_inputs(16, 4)).lower(
+    st = _state_sds(runner.ecfg.max_batch, runner.ecfg.max_pages_per_seq, cfg.vocab_size)
+    lowered = runner.programs["step"].fn.trace(params, cache, cache, st, _step_inputs(runner, 16, 64)).lower(
         lowering_platforms=("cuda",))
     ks = launches(lowered)
-    assert [k.name for k in ks] == ["ferry_write_kv", "ferry_prefill_attention"] * cfg.num_layers
-    for w in ks[::2]:
+    names = [k.name for k in ks]
+    L = cfg.num_layers
+    assert names[:3 * L] == ["ferry_write_kv", "ferry_paged_attention", "ferry_prefill_attention"] * L
+    assert set(names[3 * L:]) == {"ferry_nonzero_count", "ferry_nonzero_scatter"}
+    for w in ks[:3 * L:3]:
         assert w.aliases == [(0, 4), (1, 5)]
     main = lowered.as_text().split("func.func public @main(", 1)[1].split("\n", 1)[0]
-    assert re.findall(r"tf\.aliasing_output = (\d+)", main) == ["1", "2"]     # donated k, v -> outputs 1, 2
+    n_state = len(jax.tree.leaves(st))
+    assert re.findall(r"tf\.aliasing_output = (\d+)", main) == [str(i) for i in range(2 + n_state)]
 
 
 def test_engine_decode_loop_lowers_with_pallas_kernels(gpu_runner):
@@ -403,21 +409,24 @@ def test_engine_decode_loop_lowers_with_pallas_kernels(gpu_runner):
     assert re.findall(r"tf\.aliasing_output = (\d+)", main) == [str(i) for i in range(2 + n_state)]
 
 
-def test_engine_sample_step_lowers_with_pallas_compaction(gpu_runner):
-    """The first-token sampling program with a 32k vocabulary: the finished-row compaction plus,
-    inside the truncation ``lax.cond``, the candidate-tier compactions (GPU "auto" select) all lower;
-    each count kernel is followed by its scatter."""
-    runner = gpu_runner[0]
-    V = 32768
-    st = _state_sds(4, 4, V)
-    fn = runner.programs["sample"].fn
-    ks = launches(fn.trace(st, SDS((1, V), jnp.float32), SDS((1,), I32), SDS((1,), I32)).lower(
-        lowering_platforms=("cuda",)))
+def test_engine_sampling_lowers_with_pallas_compaction(gpu_runner):
+    """The step's sampler with a 32k vocabulary (4 rows): inside the truncation ``lax.cond`` the
+    candidate-tier compactions (GPU "auto" select) all lower, each count kernel followed by its
+    scatter, and the largest runs over the whole [4, V] mask."""
+    from ferry.engine.model_runner import _slot_batch
+    from ferry.engine.sampling import Penalties, sample
+    V, R = 32768, 4
+    st = _state_sds(R, 4, V)
+
+    def f(state, lg):
+        sb = _slot_batch(state, jnp.arange(R))
+        return sample(lg, sb, lambda: Penalties(state.penalties.counts, state.penalties.seen), select="auto",
+                      compaction_impl="pallas")
+
+    ks = launches(jax.jit(f).trace(st, SDS((R, V), jnp.float32)).lower(lowering_platforms=("cuda",)))
     names = [k.name for k in ks]
-    assert len(ks) >= 4 and names == ["ferry_nonzero_count", "ferry_nonzero_scatter"] * (len(ks) // 2)
-    grids = collections.Counter(k.grid[0] for k in ks[::2])
-    assert grids[1] == 1                                                   # done rows: 1 element, 1 block
-    assert grids[V // 1024] == len(ks) // 2 - 1                           # [1, V] masks: 32 blocks
+    assert len(ks) >= 2 and names == ["ferry_nonzero_count", "ferry_nonzero_scatter"] * (len(ks) // 2)
+    assert max(k.grid[0] for k in ks[::2]) >= V // 1024
 
 
 # ----------------------------------------------------------------------------- TPU (Mosaic)

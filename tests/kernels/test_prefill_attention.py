@@ -115,10 +115,10 @@ def test_under_jit_with_traced_layer():
 
 
 def test_engine_prefill_through_pallas_kernel_matches_reference(monkeypatch):
-    """The engine's jitted prefill step with exact engine shapes (q[T, Hq, Dh], block_table[P_max]) through
-    the Pallas kernel (interpret mode) gives the same greedy tokens as the reference, under the compile
-    guard. The model's prefill call is redirected here until the dispatcher routes impl="pallas" to it."""
-    import ferry.models.llama as llama
+    """The engine's jitted ragged step with exact engine shapes (query blocks q[Qb, Hq, Dh], batched over
+    blocks, block_table[P_max]) through the Pallas kernel (interpret mode) gives the same greedy tokens
+    as the reference, under the compile guard. The ragged attention's prefill call is redirected here."""
+    import ferry.kernels.ragged_attention as ragged
     from ferry.engine.config import EngineConfig
     from ferry.engine.llm_engine import LLMEngine
     from ferry.engine.sampling_params import SamplingParams
@@ -139,10 +139,11 @@ def test_engine_prefill_through_pallas_kernel_matches_reference(monkeypatch):
     ref = run()
     calls = []
 
-    def pallas_prefill(q, k_cache, v_cache, layer, block_table, positions, *, scale, soft_cap=None, impl="auto"):
+    def pallas_prefill(q, k_cache, v_cache, layer, block_table, positions, *, scale, soft_cap=None, window=None,
+                       impl="auto"):
         calls.append(q.shape)
         return prefill_attention(q, k_cache, v_cache, layer, block_table, positions, scale=scale,
-                                 soft_cap=soft_cap, interpret=True)
+                                 soft_cap=soft_cap, window=window, interpret=True)
 
-    monkeypatch.setattr(llama, "prefill_attention", pallas_prefill)
+    monkeypatch.setattr(ragged, "prefill_attention", pallas_prefill)
     assert run() == ref and calls

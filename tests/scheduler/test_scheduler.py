@@ -173,3 +173,45 @@ def test_scheduler_never_imports_jax():
     code = ("import sys; import ferry.scheduler.scheduler, scheduler.simulator, scheduler.workload; "
             "assert 'jax' not in sys.modules, 'scheduler imported jax'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("cap", [1, 2, None])
+def test_prefill_rows_per_plan_are_capped_and_decode_rows_still_join(cap):
+    """``max_prefill_rows`` (the engine's step size) caps the prefill chunks of one plan; a decode row
+    still joins past the cap. Without a cap (positive control) all waiting prompts are chunked at once."""
+    s = Scheduler(_cfg(max_batch=8, max_tokens_per_step=128, max_prefill_chunk=8, max_prefill_rows=cap,
+                       policy="fcfs"))
+    s.add("d", 3, 10, now=0.0)
+    plan = s.schedule(0.0)
+    s.on_step_done(plan, 0.1)                                   # "d" is decoding now
+    for i in range(4):
+        s.add(f"p{i}", 6, 5, now=0.2 + i)
+    plan = s.schedule(5.0)
+    s.check_plan(plan)
+    assert len(plan.prefill_items) == (4 if cap is None else cap)
+    assert [w.request_id for w in plan.decode_items] == ["d"]
+
+
+@pytest.mark.parametrize("window", [8, None])
+def test_pages_sliding_out_of_every_window_are_freed(window):
+    """With a window on every layer, the leading pages no later query can see are freed (their
+    block-table entries become the null page) as the job advances; a drop resets them. Without a
+    window (the positive control) no page is ever freed."""
+    S = 4
+    s = Scheduler(_cfg(page_size=S, window=window, policy="fcfs"))
+    s.add("a", 6, 30, now=0.0)
+    for step in range(30):
+        plan = s.schedule(float(step))
+        s.check_invariants()
+        s.on_step_done(plan, float(step) + 0.5)
+        job = s.jobs["a"]
+        p = job.num_computed                                   # the next query's position
+        want = 0 if window is None else max(0, (p - window + 1) // S)
+        assert job.released == want, (step, p)
+        table = s.block_table("a")
+        assert table[:want] == [0] * want and 0 not in table[want:]
+        assert len(table) * S >= p and s.device.num_used == len(table) - want
+    assert (s.counters["window_pages_freed"] > 0) == (window is not None)
+    s.abort("a")
+    s.check_invariants()
+    assert s.device.num_used == 0

@@ -1,0 +1,107 @@
+"""Ragged paged attention (kernels/ragged_attention.py) against a per-token oracle, on fresh random
+inputs: decode rows and prefill chunks of several requests in one token array, with soft-cap and
+sliding window, pages shuffled and stale data in unused slots."""
+import numpy as np
+import jax.numpy as jnp
+import pytest
+
+from ferry.kernels.ragged_attention import RaggedLayout, ragged_attention_naive, ragged_paged_attention
+
+S, P, L, Hkv, G, Dh = 4, 12, 2, 2, 3, 8
+
+
+def _pack(rng, rows, q_block=4, extra_blocks=2, pad_tokens=3):
+    """Token array with rows in a random order (each row's tokens contiguous) and padding between."""
+    Hq = Hkv * G
+    num_pages = 1 + len(rows) * P
+    k_cache = rng.standard_normal((L, Hkv, num_pages, S, Dh)).astype(np.float32)
+    v_cache = rng.standard_normal((L, Hkv, num_pages, S, Dh)).astype(np.float32)
+    perm = rng.permutation(np.arange(1, num_pages))
+    T = sum(n for _, n in rows) + pad_tokens
+    positions = np.full(T, -1, np.int32)
+    token_table = np.zeros((T, P), np.int32)
+    singles, blocks = [], []
+    gaps = sorted(rng.integers(0, len(rows) + 1, pad_tokens).tolist())
+    t, g = 0, 0
+    for r in rng.permutation(len(rows)):
+        while g < len(gaps) and gaps[g] <= r:
+            t, g = t + 1, g + 1
+        start, n = rows[r]
+        table = perm[r * P:(r + 1) * P].astype(np.int32)
+        positions[t:t + n] = np.arange(start, start + n)
+        token_table[t:t + n] = table
+        if n == 1:
+            singles.append((t, table, start + 1))
+        else:
+            blocks += [(t + b, min(q_block, n - b), table) for b in range(0, n, q_block)]
+        t += n
+    q = rng.standard_normal((T, Hq, Dh)).astype(np.float32)
+    singles.append((-1, np.zeros(P, np.int32), 0))
+    blocks += [(-1, 0, np.zeros(P, np.int32))] * extra_blocks
+    lay = RaggedLayout(
+        jnp.asarray(np.array([s[0] for s in singles], np.int32)), jnp.asarray(np.stack([s[1] for s in singles])),
+        jnp.asarray(np.array([s[2] for s in singles], np.int32)),
+        jnp.asarray(np.array([b[0] for b in blocks], np.int32)), jnp.asarray(np.array([b[1] for b in blocks], np.int32)),
+        jnp.asarray(np.stack([b[2] for b in blocks])), q_block=q_block)
+    return q, k_cache, v_cache, positions, token_table, lay
+
+
+@pytest.mark.parametrize("soft_cap,window", [(None, None), (5.0, None), (None, 7), (3.0, 5)])
+def test_ragged_matches_per_token_oracle(soft_cap, window):
+    rng = np.random.default_rng()
+    rows = [(int(rng.integers(0, 30)), 1) for _ in range(3)] + [(0, 9), (int(rng.integers(1, 20)), 6), (5, 2)]
+    q, kc, vc, pos, table, lay = _pack(rng, rows)
+    for layer in range(L):
+        got = ragged_paged_attention(jnp.asarray(q), jnp.asarray(kc), jnp.asarray(vc), layer, jnp.asarray(pos), lay,
+                                     scale=0.3, soft_cap=soft_cap, window=window, impl="reference")
+        want = ragged_attention_naive(jnp.asarray(q), jnp.asarray(kc), jnp.asarray(vc), layer, jnp.asarray(pos),
+                                      jnp.asarray(table), scale=0.3, soft_cap=soft_cap, window=window)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+        assert np.all(np.asarray(got)[pos < 0] == 0)            # padding tokens: output 0
+
+
+def test_oracle_positive_control():
+    """The oracle notices a wrong layout: one block's table pointing at another row's pages."""
+    rng = np.random.default_rng()
+    q, kc, vc, pos, table, lay = _pack(rng, [(3, 5), (10, 6)], extra_blocks=0, pad_tokens=0)
+    bad = RaggedLayout(lay.single_token, lay.single_tables, lay.single_lens, lay.block_start, lay.block_len,
+                       lay.block_tables[::-1], q_block=lay.q_block)
+    got = ragged_paged_attention(jnp.asarray(q), jnp.asarray(kc), jnp.asarray(vc), 0, jnp.asarray(pos), bad,
+                                 scale=0.3, impl="reference")
+    want = ragged_attention_naive(jnp.asarray(q), jnp.asarray(kc), jnp.asarray(vc), 0, jnp.asarray(pos),
+                                  jnp.asarray(table), scale=0.3)
+    assert not np.allclose(np.asarray(got), np.asarray(want), atol=1e-3)
+
+
+def test_decode_layout_is_paged_attention():
+    """``RaggedLayout.decode``: token i is row i (the decode program's layout)."""
+    rng = np.random.default_rng()
+    B = 5
+    kc = rng.standard_normal((L, Hkv, 1 + B * P, S, Dh)).astype(np.float32)
+    vc = rng.standard_normal((L, Hkv, 1 + B * P, S, Dh)).astype(np.float32)
+    tables = rng.permutation(np.arange(1, 1 + B * P)).reshape(B, P).astype(np.int32)
+    lens = rng.integers(1, P * S, B).astype(np.int32)
+    lens[-1] = 0                                                  # a padding row
+    q = rng.standard_normal((B, Hkv * G, Dh)).astype(np.float32)
+    got = ragged_paged_attention(jnp.asarray(q), jnp.asarray(kc), jnp.asarray(vc), 1, jnp.asarray(lens - 1),
+                                 RaggedLayout.decode(jnp.asarray(tables), jnp.asarray(lens)), scale=0.5,
+                                 impl="reference")
+    want = ragged_attention_naive(jnp.asarray(q), jnp.asarray(kc), jnp.asarray(vc), 1, jnp.asarray(lens - 1),
+                                  jnp.asarray(tables), scale=0.5)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("soft_cap,window", [(None, None), (3.0, 5)])
+def test_ragged_pallas_interpret_matches_per_token_oracle(soft_cap, window):
+    """impl="pallas" (both kernels in Pallas interpret mode: the decode kernel for one-token rows, the
+    prefill kernel vmapped over query blocks) against the per-token oracle."""
+    rng = np.random.default_rng()
+    rows = [(int(rng.integers(0, 30)), 1) for _ in range(2)] + [(int(rng.integers(1, 20)), 6), (5, 2)]
+    q, kc, vc, pos, table, lay = _pack(rng, rows, extra_blocks=1, pad_tokens=2)
+    layer = int(rng.integers(0, L))
+    got = ragged_paged_attention(jnp.asarray(q), jnp.asarray(kc), jnp.asarray(vc), layer, jnp.asarray(pos), lay,
+                                 scale=0.3, soft_cap=soft_cap, window=window, impl="pallas")
+    want = ragged_attention_naive(jnp.asarray(q), jnp.asarray(kc), jnp.asarray(vc), layer, jnp.asarray(pos),
+                                  jnp.asarray(table), scale=0.3, soft_cap=soft_cap, window=window)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
+    assert np.all(np.asarray(got)[pos < 0] == 0)                # padding tokens: output 0
