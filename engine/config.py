@@ -19,9 +19,17 @@ def _pow2_upto(lo: int, hi: int, ratio: int = 2) -> tuple[int, ...]:
     return tuple(sorted(set(out)))
 
 
-# Multi-token (prefill chunk) rows in one ragged step: a static size of the step programs
-# (engine/step_inputs.py); the scheduler puts at most this many chunks in one plan.
-MAX_CHUNK_ROWS = 4
+# Multi-token (prefill chunk) rows a ragged step of T tokens holds: a static size of the step
+# programs (engine/step_inputs.py), one chunk per CHUNK_ROW_TOKENS tokens of the bucket. The scheduler
+# puts at most max_chunk_rows(largest bucket) chunks in one plan; the engine picks the smallest
+# bucket that holds the plan's tokens and chunks. With a fixed 4 chunks per step, 64 short prompts
+# took 16 steps to admit and the default model's batch-64 run (prefill included) fell from 227 to
+# 179 tok/s on the 2-core CPU (benchmarks/results/decode_cpu_2core_f32_ragged_4chunks.json).
+CHUNK_ROW_TOKENS = 16
+
+
+def max_chunk_rows(tokens: int) -> int:
+    return max(1, tokens // CHUNK_ROW_TOKENS)
 
 # Decode and step buckets grow by 4x: each program's padding wastes at most 3/4 of a batch or
 # context axis, and the engine compiles about half as many programs as with 2x steps (a decode
@@ -236,7 +244,7 @@ class EngineConfig:
         b = self.buckets()
         return SchedulerConfig(
             max_batch=self.max_batch, max_tokens_per_step=b.step_tokens[-1],
-            max_prefill_chunk=min(self.max_prefill_chunk, b.step_tokens[-1]), max_prefill_rows=MAX_CHUNK_ROWS,
+            max_prefill_chunk=min(self.max_prefill_chunk, b.step_tokens[-1]), max_prefill_rows=max_chunk_rows(b.step_tokens[-1]),
             page_size=self.page_size,
             num_device_pages=num_device_pages, num_host_pages=num_host_pages, policy=self.scheduler,
             base_quantum=self.mlfq_base_quantum, starve_limit=self.mlfq_starve_limit,

@@ -51,8 +51,22 @@ def resolve_dtype(name: str):
 
 
 def enable_compile_cache(path: str | None) -> None:
-    if path:
-        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
+    """Point JAX's persistent compilation cache at ``path``, or turn it off (None / empty).
+
+    JAX opens its cache once per process, at the first compile, and keeps that directory; so
+    when the setting changes (another engine in the same process) the cache is reset to take
+    the new one. Off means off: an engine configured without a cache never serializes an
+    executable (XLA:CPU's ``serialize()`` crashed the test process once, for a tensor-parallel
+    Mistral step program in a long run, and was not reproducible alone)."""
+    want = os.path.expanduser(path) if path else None
+    if jax.config.jax_compilation_cache_dir != want:
+        jax.config.update("jax_compilation_cache_dir", want)
+        try:
+            from jax._src import compilation_cache        # no public API resets the opened cache
+            compilation_cache.reset_cache()
+        except (ImportError, AttributeError):
+            pass
+    if want:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 

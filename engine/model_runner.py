@@ -41,7 +41,7 @@ from ferry.engine.sampling_params import MAX_LOGPROBS
 from ferry.engine.slots import RowUpdate, SlotState, apply_rows, empty_state, set_penalties
 from ferry.kernels.compaction import nonzero
 from ferry.models.config import ModelConfig
-from ferry.engine.step_inputs import StepInputs, StepRow, StepShape, pack
+from ferry.engine.step_inputs import StepInputs, StepRow, StepShape, fits, pack
 from ferry.kernels.ragged_attention import RaggedLayout
 from ferry.models.attention import AttnMeta, op_impl
 from ferry.models.llama import Llama, logits
@@ -218,9 +218,14 @@ class ModelRunner:
                     (np.int32(slot), counts, seen)))
 
     def step_shape(self, rows: list[StepRow]) -> StepShape:
-        T = Buckets.pick(self.buckets.step_tokens, sum(r.num_tokens for r in rows))
+        """The smallest bucket that holds the rows' tokens and chunks (engine/step_inputs.py)."""
         C = Buckets.pick(self.buckets.context, max(r.start + r.num_tokens for r in rows))
-        return StepShape(T, C, self.ecfg.max_batch)
+        for T in self.buckets.step_tokens:
+            shape = StepShape(T, C, self.ecfg.max_batch)
+            if fits(shape, rows):
+                return shape
+        raise ValueError(f"{len(rows)} rows / {sum(r.num_tokens for r in rows)} tokens fit no step bucket "
+                         f"{self.buckets.step_tokens}")
 
     def step(self, rows: list[StepRow]) -> tuple[StepOutputs, list[int]]:
         """One ragged step over ``rows`` (they fit one step: the scheduler's limits); returns the

@@ -9,10 +9,10 @@ one-token rows and cuts each chunk into query blocks of ``StepShape.q_block``.
 Static sizes per ``(T, C)`` program (``StepShape``):
   rows Bs = min(T, max_batch)      one-token rows and sampled rows (a step has at most
                                    max_batch rows: the scheduler's max_batch)
-  chunks MAX_CHUNK_ROWS            multi-token rows (engine/config.py; the scheduler's
-                                   ``max_prefill_rows``)
+  chunks max_chunk_rows(T) = T/16  multi-token rows (engine/config.py; the scheduler's
+                                   ``max_prefill_rows`` is that of the largest bucket)
   q_block = max(16, T // 8)        query tokens per block
-  blocks NB = T // q_block + MAX_CHUNK_ROWS
+  blocks NB = T // q_block + chunks
 The block size trades padding (a block is computed whole) against gathers (each
 block gathers its row's pages once): a single 256-token chunk costs 8 gathers of its
 pages instead of one, which is noise beside its matmuls on the 2-core CPU.
@@ -24,7 +24,7 @@ import dataclasses
 import jax
 import numpy as np
 
-from ferry.engine.config import MAX_CHUNK_ROWS
+from ferry.engine.config import max_chunk_rows
 from ferry.kernels.ragged_attention import RaggedLayout
 from ferry.models.attention import AttnMeta
 
@@ -45,7 +45,11 @@ class StepShape:
 
     @property
     def blocks(self) -> int:
-        return self.tokens // self.q_block + MAX_CHUNK_ROWS
+        return self.tokens // self.q_block + self.chunks
+
+    @property
+    def chunks(self) -> int:
+        return max_chunk_rows(self.tokens)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +77,7 @@ class StepInputs:
 def fits(shape: StepShape, rows: list[StepRow]) -> bool:
     chunks = [r for r in rows if r.num_tokens > 1]
     return (sum(r.num_tokens for r in rows) <= shape.tokens and len(rows) <= shape.rows
-            and len(chunks) <= MAX_CHUNK_ROWS and max((r.start + r.num_tokens for r in rows), default=0)
+            and len(chunks) <= shape.chunks and max((r.start + r.num_tokens for r in rows), default=0)
             <= shape.context)
 
 

@@ -24,8 +24,8 @@ Why two classes instead of one kernel over ``cu_q_lens``: a decode row padded to
 a query block would do ``q_block`` times its attention work, and a prefill chunk
 cut into one-token rows would gather its pages once per token. The two classes
 keep both at their single-purpose cost (blocks: about ``T / q_block + rows``
-gathers of a row's pages). ``NB = T // q_block + max_chunk_rows`` blocks always
-suffice for T tokens in at most ``max_chunk_rows`` multi-token rows.
+gathers of a row's pages). ``NB = T // q_block + R`` blocks always suffice for
+T tokens in at most R multi-token rows.
 
 Options: ``soft_cap`` (scores -> cap * tanh(scores / cap)) and ``window`` (sliding
 window: a query at position p sees keys at positions > p - window). ``impl`` is

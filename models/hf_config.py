@@ -103,6 +103,8 @@ def config_kwargs(cfg: Mapping[str, Any], name: str = "model") -> dict[str, Any]
         if int(cfg.get("decoder_sparse_step", 1)) != 1 or cfg.get("mlp_only_layers"):
             raise ValueError(f"{what}: dense layers inside an MoE stack (decoder_sparse_step / mlp_only_layers) "
                              f"are not supported")
+    if cfg.get("use_bidirectional_attention"):
+        raise ValueError(f"{what}: bidirectional attention (embedding models) is not supported")
     bias = bool(cfg.get("attention_bias", False)) or fam == "qwen2"
     if bias and fam != "qwen2":
         raise ValueError(f"{what}: attention_bias (incl. an o_proj bias) is only supported for Qwen2")

@@ -19,13 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from results_io import machine, write_json  # noqa: E402
 
 _BASELINE = r'''
 import json, sys, time
@@ -113,7 +114,7 @@ def main() -> None:
         ap.error("--batches and --decode-steps must be >= 1, --tokens >= 16")
     cache = tempfile.mkdtemp(prefix="ferry-bench-")
     res = {"command": "python scripts/bench_overhead.py " + " ".join(sys.argv[1:]),
-           "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.processor() or 'cpu'}",
+           "machine": machine(),
            "model": "random:tiny", "tokens_per_request": a.tokens, "results": {}}
     for K in a.decode_steps:
         res["results"][f"decode_steps={K}"] = measure(K, a.batches, a.tokens, cache)
@@ -134,10 +135,7 @@ def main() -> None:
         for B, ms in base.items():
             best = min(v[B]["engine_ms_per_step"] for v in res["results"].values())
             print(f"baseline {a.baseline_rev} B={B:3d}: {ms:7.3f} ms/step  -> now {best:7.3f} ({ms / best:.1f}x)")
-    if a.output:
-        with open(a.output, "w") as f:
-            json.dump(res, f, indent=2)
-        print(f"wrote {a.output}")
+    write_json(a.output, res)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,7 @@ The default model; caches live in a temporary directory, so nothing of the user'
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import shutil
 import socket
 import subprocess
@@ -24,6 +22,9 @@ import sys
 import tempfile
 import time
 import urllib.request
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from results_io import machine, write_json  # noqa: E402
 
 
 def _generate(prompt: str, cache: str) -> dict:
@@ -80,7 +81,7 @@ def main() -> None:
     a = ap.parse_args()
     root = tempfile.mkdtemp(prefix="ferry-startup-")
     res = {"command": "python scripts/bench_startup.py " + " ".join(sys.argv[1:]),
-           "machine": f"{platform.machine()} {os.cpu_count()} cores", "model": "default (SmolLM2-135M-Instruct GGUF)"}
+           "machine": machine(), "model": "default (SmolLM2-135M-Instruct GGUF)"}
     try:
         res["generate_cold"] = _generate(a.prompt, os.path.join(root, "g"))
         print("generate cold:", res["generate_cold"], flush=True)
@@ -93,10 +94,7 @@ def main() -> None:
             print("serve warm:", res["serve_warm"], flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    if a.output:
-        with open(a.output, "w") as f:
-            json.dump(res, f, indent=2)
-        print(f"wrote {a.output}")
+    write_json(a.output, res)
 
 
 if __name__ == "__main__":

@@ -63,8 +63,8 @@ def main():
     # (kind, prefill tokens, decode rows, decode context): chunks alone and beside decode rows in one
     # ragged step, and decode dispatches of one iteration
     shapes = [("step", n, 0, 0) for n in buckets.step_tokens if n <= L]
-    shapes += [("step", n, b, ctx_mid) for n in buckets.step_tokens for b in (4, a.max_batch)
-               if 16 <= n <= L and n + b <= budget and b <= a.max_batch]
+    shapes += [("step", n, b, ctx_mid) for n in buckets.step_tokens for b in sorted({4, a.max_batch - 1})
+               if 16 <= n <= L and n + b <= budget and 0 < b < a.max_batch]      # b rows + the chunk's row
     shapes += [("decode", 0, b, ctx) for b in (1, 2, 4, 8, 16, 32, 64, 128) if b <= a.max_batch
                for ctx in sorted({min(64, L - 1), ctx_mid, L - 1})]
     samples = []
@@ -72,7 +72,8 @@ def main():
         times = []
         for _ in range(a.repeats + 1):                     # the first run is discarded (cache warm-up)
             # b slots at position ctx over the same pages
-            slots = [eng.slots.bind(f"p{i}", set()) for i in range(b + 1)]
+            nslots = b + (kind == "step")                   # a step's chunk samples into one more slot
+            slots = [eng.slots.bind(f"p{i}", set()) for i in range(nslots)]
             for i, s in enumerate(slots):
                 eng.slots.write(s, SlotRow(f"p{i}", 5, ctx, pages, SamplingRow(sp, 0, 0)), None)
             runner.apply_updates(*eng.slots.take_updates())
@@ -84,7 +85,7 @@ def main():
             else:
                 jax.block_until_ready(runner.decode(slots[:b], ctx, 1).tokens)
             times.append(time.perf_counter() - t)
-            for i in range(b + 1):
+            for i in range(nslots):
                 eng.slots.release(f"p{i}")
         sample = {"prefill_tokens": n, "decode_rows": b, "context_tokens": n + b * ctx}
         samples.append({**sample, "seconds": statistics.median(times[1:])})

@@ -21,7 +21,6 @@ Version note: Pallas's Triton registration carries the IR uncompiled only for ja
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 import inspect
@@ -439,25 +438,6 @@ def _tpu_mesh(kind):
             device_kind=kind, num_cores=1, platform="tpu"))
     except (ImportError, TypeError) as e:
         pytest.skip(f"abstract TPU device unavailable: {e}")
-
-
-@pytest.fixture
-def mosaic_modules(monkeypatch):
-    """Captures the Mosaic module text of each TPU pallas_call (serialized opaquely in the custom call)."""
-    try:
-        from jax._src.pallas.mosaic import pallas_call_registration as reg
-    except ImportError as e:
-        pytest.skip(f"Pallas Mosaic lowering unavailable: {e}")
-    seen = []
-    orig = reg.lowering.lower_jaxpr_to_pipelined_module
-
-    def capture(*a, **kw):
-        module = orig(*a, **kw)
-        seen.append(str(module))
-        return module
-
-    monkeypatch.setattr(reg.lowering, "lower_jaxpr_to_pipelined_module", capture)
-    return seen
 
 
 @pytest.mark.parametrize("kind", ["TPU v4", "TPU v5 lite", "TPU v6 lite"])

@@ -46,18 +46,22 @@ def _pack(rng, rows, q_block=4, extra_blocks=2, pad_tokens=3):
     return q, k_cache, v_cache, positions, token_table, lay
 
 
+def _compare(case, layer, impl, soft_cap, window, tol):
+    """The ragged kernel (``impl``) against the per-token oracle on one packed case."""
+    q, kc, vc, pos, table, lay = (jnp.asarray(a) if isinstance(a, np.ndarray) else a for a in case)
+    got = ragged_paged_attention(q, kc, vc, layer, pos, lay, scale=0.3, soft_cap=soft_cap, window=window, impl=impl)
+    want = ragged_attention_naive(q, kc, vc, layer, pos, table, scale=0.3, soft_cap=soft_cap, window=window)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=tol, atol=tol)
+    assert np.all(np.asarray(got)[np.asarray(pos) < 0] == 0)    # padding tokens: output 0
+
+
 @pytest.mark.parametrize("soft_cap,window", [(None, None), (5.0, None), (None, 7), (3.0, 5)])
 def test_ragged_matches_per_token_oracle(soft_cap, window):
     rng = np.random.default_rng()
     rows = [(int(rng.integers(0, 30)), 1) for _ in range(3)] + [(0, 9), (int(rng.integers(1, 20)), 6), (5, 2)]
-    q, kc, vc, pos, table, lay = _pack(rng, rows)
+    case = _pack(rng, rows)
     for layer in range(L):
-        got = ragged_paged_attention(jnp.asarray(q), jnp.asarray(kc), jnp.asarray(vc), layer, jnp.asarray(pos), lay,
-                                     scale=0.3, soft_cap=soft_cap, window=window, impl="reference")
-        want = ragged_attention_naive(jnp.asarray(q), jnp.asarray(kc), jnp.asarray(vc), layer, jnp.asarray(pos),
-                                      jnp.asarray(table), scale=0.3, soft_cap=soft_cap, window=window)
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
-        assert np.all(np.asarray(got)[pos < 0] == 0)            # padding tokens: output 0
+        _compare(case, layer, "reference", soft_cap, window, 1e-5)
 
 
 def test_oracle_positive_control():
@@ -97,11 +101,5 @@ def test_ragged_pallas_interpret_matches_per_token_oracle(soft_cap, window):
     prefill kernel vmapped over query blocks) against the per-token oracle."""
     rng = np.random.default_rng()
     rows = [(int(rng.integers(0, 30)), 1) for _ in range(2)] + [(int(rng.integers(1, 20)), 6), (5, 2)]
-    q, kc, vc, pos, table, lay = _pack(rng, rows, extra_blocks=1, pad_tokens=2)
-    layer = int(rng.integers(0, L))
-    got = ragged_paged_attention(jnp.asarray(q), jnp.asarray(kc), jnp.asarray(vc), layer, jnp.asarray(pos), lay,
-                                 scale=0.3, soft_cap=soft_cap, window=window, impl="pallas")
-    want = ragged_attention_naive(jnp.asarray(q), jnp.asarray(kc), jnp.asarray(vc), layer, jnp.asarray(pos),
-                                  jnp.asarray(table), scale=0.3, soft_cap=soft_cap, window=window)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
-    assert np.all(np.asarray(got)[pos < 0] == 0)                # padding tokens: output 0
+    case = _pack(rng, rows, extra_blocks=1, pad_tokens=2)
+    _compare(case, int(rng.integers(0, L)), "pallas", soft_cap, window, 2e-5)

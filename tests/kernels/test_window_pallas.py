@@ -272,34 +272,18 @@ def test_window_lowers_to_triton(dt):
 
 
 @pytest.mark.parametrize("window", [1, 40, 1000])
-def test_window_tpu_variant_lowers_to_mosaic(window):
+def test_window_tpu_variant_lowers_to_mosaic(mosaic_modules, window):
     """The Mosaic TPU variant with a window: the page axis of the grid shrinks to the pages a window
     spans (at most P_max), one page of K/V per step."""
     low = _lowering()
-    try:
-        from jax._src.pallas.mosaic import pallas_call_registration as reg
-    except ImportError as e:
-        pytest.skip(f"Pallas Mosaic lowering unavailable: {e}")
-    seen = []
-    orig = reg.lowering.lower_jaxpr_to_pipelined_module
-
-    def capture(*a, **kw):
-        module = orig(*a, **kw)
-        seen.append(str(module))
-        return module
-
     B, Hkv, G, Dh, S16, P_max = 2, 2, 3, 128, 16, 9
-    reg.lowering.lower_jaxpr_to_pipelined_module = capture
-    try:
-        use_mesh, mesh = low._tpu_mesh("TPU v5 lite")
-        with use_mesh(mesh):
-            lowered = low._lower(lambda q, k, v, bt, sl, layer: paged_attention(
-                q, k, v, layer, bt, sl, scale=0.1, window=window, backend="tpu"),
-                *low._pa_args(B, G * Hkv, Hkv, Dh, S16, P_max, jnp.bfloat16), platform="tpu")
-    finally:
-        reg.lowering.lower_jaxpr_to_pipelined_module = orig
+    use_mesh, mesh = low._tpu_mesh("TPU v5 lite")
+    with use_mesh(mesh):
+        lowered = low._lower(lambda q, k, v, bt, sl, layer: paged_attention(
+            q, k, v, layer, bt, sl, scale=0.1, window=window, backend="tpu"),
+            *low._pa_args(B, G * Hkv, Hkv, Dh, S16, P_max, jnp.bfloat16), platform="tpu")
     assert len(low.launches(lowered, target="tpu_custom_call")) == 1
-    [m] = seen
+    [m] = mosaic_modules
     steps = min(P_max, -(-(window + S16 - 1) // S16))
     assert f"iteration_bounds = array<i64: {B}, {Hkv}, {steps}>" in m
     assert m.count(f"window_bounds = array<i64: 1, 1, 1, {S16}, {Dh}>") == 2

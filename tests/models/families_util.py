@@ -180,13 +180,7 @@ def write_gguf(path, model, family: str, tok_meta: dict) -> str:
     if family == "gemma2":
         w.add_attn_logit_softcapping(c.attn_logit_softcapping)
         w.add_final_logit_softcapping(c.final_logit_softcapping)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("smollm")
-    w.add_token_list(tok_meta["tokenizer.ggml.tokens"])
-    w.add_token_merges(tok_meta["tokenizer.ggml.merges"])
-    w.add_token_types(tok_meta["tokenizer.ggml.token_type"])
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
+    add_tokenizer(w, tok_meta)
     sd = {k: v.float().numpy() for k, v in model.state_dict().items()}
     plus = (lambda name, t: t + 1.0 if gemma and name.endswith("norm.weight") else t)  # noqa: E731
     w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
@@ -220,6 +214,17 @@ def write_gguf(path, model, family: str, tok_meta: dict) -> str:
     w.write_tensors_to_file()
     w.close()
     return str(path)
+
+
+def add_tokenizer(w, tok_meta: dict) -> None:
+    """The default model's GPT-2-style tokenizer (``tokenizer_meta()``) into GGUF writer ``w``."""
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list(tok_meta["tokenizer.ggml.tokens"])
+    w.add_token_merges(tok_meta["tokenizer.ggml.merges"])
+    w.add_token_types(tok_meta["tokenizer.ggml.token_type"])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
 
 
 def tokenizer_meta() -> dict:

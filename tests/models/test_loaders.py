@@ -9,6 +9,7 @@ import pytest
 
 from ferry.models import gguf_quants as q
 from ferry.models.registry import default_model_path, load_model
+from tests.models.families_util import add_tokenizer
 
 
 @pytest.mark.parametrize("t", [q.Q8_0, q.Q4_0, q.Q4_1, q.Q4_K, q.Q5_K, q.Q6_K, q.F16, q.BF16, q.F32])
@@ -85,13 +86,7 @@ def _write_tiny_gguf(path, model, arch, tok_meta, rope_freqs=None, orig_ctx=None
     w.add_context_length(c.max_position_embeddings)
     if orig_ctx:
         w.add_rope_scaling_orig_ctx_len(orig_ctx)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("smollm")
-    w.add_token_list(tok_meta["tokenizer.ggml.tokens"])
-    w.add_token_merges(tok_meta["tokenizer.ggml.merges"])
-    w.add_token_types(tok_meta["tokenizer.ggml.token_type"])
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
+    add_tokenizer(w, tok_meta)
     sd = {k: v.float().numpy() for k, v in model.state_dict().items()}
     names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
