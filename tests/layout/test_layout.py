@@ -6,7 +6,6 @@ import subprocess
 import sys
 import zipfile
 
-import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 PACKAGES = ("engine", "models", "kernels", "scheduler")
@@ -37,7 +36,6 @@ def test_root_folders_are_not_regular_packages():
         assert link.is_symlink() and link.resolve() == ROOT / pkg
 
 
-@pytest.mark.slow
 def test_wheel_installs_only_the_ferry_namespace(tmp_path):
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                         "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=600)

@@ -15,7 +15,10 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 FAST = ("gemma2", "qwen3moe")           # sliding + global layers, soft-caps, sandwich norms; routed experts
-CASES = [pytest.param(f, tp, marks=() if f in FAST else pytest.mark.slow) for f in fu.FAMILIES for tp in (1, 2)]
+# Tensor parallel 2 through the engine is slow-marked too: in one long process after the rest of the
+# suite, XLA:CPU segfaulted compiling a TP-2 step (README, "Tests marked slow"); alone they pass.
+CASES = [pytest.param(f, tp, marks=() if f in FAST and tp == 1 else pytest.mark.slow)
+         for f in fu.FAMILIES for tp in (1, 2)]
 
 
 @functools.lru_cache(maxsize=None)
