@@ -2,12 +2,17 @@
 
 Programs (engine/programs.py; every shape is in ``EngineConfig.buckets()``):
 
-* ``step[T, C]``: one ragged step (engine/step_inputs.py): decode rows and prefill
-  chunks of several requests in one token array of T tokens, one forward with the K/V
-  write inside, ragged paged attention over the rows (kernels/ragged_attention.py),
-  and sampling on device for every row that ends its request's known tokens: the token
-  goes into the row's slot (``SlotState.tokens``), so the next step reads it on device.
-  Decode rows read their input token from their slot.
+* ``step[T, C]``: the forward of one ragged step (engine/step_inputs.py): decode rows and
+  prefill chunks of several requests in one token array of T tokens, one forward with the
+  K/V write inside, ragged paged attention over the rows (kernels/ragged_attention.py),
+  and the logits of every row that ends its request's known tokens. Decode rows read
+  their input token from their slot.
+* ``sample[R]``: dispatched right after ``step`` (no host sync in between): sampling on
+  device for those R rows; the token goes into the row's slot (``SlotState.tokens``), so
+  the next step reads it on device. It is its own program, keyed by rows only, because
+  the sampler is a third of a step program's compile time (default model, 2-core CPU:
+  about 2 of 7 CPU-seconds; ``scripts/bench_compile.py``) and every (T, C) bucket of the
+  step would otherwise compile it again.
 * ``decode[B, C]``: up to ``decode_steps`` decode iterations of B slots in one
   ``lax.while_loop`` (forward, K/V write, sampling, penalty statistics), each
   iteration feeding the sampled tokens to the next on device. A row stops at a
@@ -80,27 +85,32 @@ def _record(state: SlotState, rows, live, tok, positions, hit):
                      state.block_tables, sb, pen)
 
 
-def _step(cfg: ModelConfig, model: Llama, params, k, v, state: SlotState, x: StepInputs, *, select: str,
-          compaction_impl: str):
-    """One ragged step (see module docstring); outputs have K = 1 and one row per sampled row."""
+def _step(cfg: ModelConfig, model: Llama, params, k, v, state: SlotState, x: StepInputs):
+    """The forward of one ragged step (see module docstring). Returns the caches, the logits
+    f32[R, V] of the sampled rows and each sampled row's next position i32[R]."""
     S = state.tokens.shape[0]
     T = x.tokens.shape[0]
     tok = jnp.where(x.from_slot >= 0, state.tokens[jnp.clip(x.from_slot, 0, S - 1)], x.tokens)
     h, k, v = model.apply({"params": params}, tok, x.positions, k, v, x.meta)
-    rows = x.sample_slot                                              # i32[R]
-    safe = jnp.clip(rows, 0, S - 1)
     at = jnp.clip(x.sample_token, 0, T - 1)
-    lg = logits(cfg, params, h[at])                                   # f32[R, V]
+    return k, v, logits(cfg, params, h[at]), x.positions[at] + 1
+
+
+def _sample_rows(state: SlotState, lg, rows, next_pos, *, select: str, compaction_impl: str):
+    """Sample one token for each of ``rows`` (i32[R] slots, -1 = padding) from ``lg`` f32[R, V]
+    into their slots; outputs have K = 1 and one row per sampled row."""
+    S = state.tokens.shape[0]
+    safe = jnp.clip(rows, 0, S - 1)
     sb = _slot_batch(state, safe)
     live = (rows >= 0) & (sb.max_tokens > 0) & (sb.step < sb.max_tokens)
     pen = lambda: Penalties(state.penalties.counts[safe], state.penalties.seen[safe])   # noqa: E731
     tok_s, lp, top_ids, top_lp, hit = sample(lg, sb, pen, select=select, compaction_impl=compaction_impl)
-    state = _record(state, rows, live, tok_s, x.positions[at] + 1, hit)
+    state = _record(state, rows, live, tok_s, next_pos, hit)
     done = live & (hit | (sb.step + 1 >= sb.max_tokens))
     idx, n = nonzero(done, size=rows.shape[0], impl=compaction_impl)
     out = StepOutputs(jnp.where(live, tok_s, -1)[None], lp[None], top_ids[None], top_lp[None],
                       live.astype(jnp.int32), idx, n)
-    return k, v, state, out
+    return state, out
 
 
 def _decode(cfg: ModelConfig, model: Llama, K: int, page_size: int, ctx_pages: int, params, k, v,
@@ -169,7 +179,8 @@ class ModelRunner:
             "pallas" if kernels == "pallas" else "auto")
         samp = dict(select=ecfg.sampling_select, compaction_impl=comp)
         dec_kw: dict = {"donate_argnums": (1, 2, 3)}
-        stp_kw: dict = {"donate_argnums": (1, 2, 3)}
+        stp_kw: dict = {"donate_argnums": (1, 2)}
+        smp_kw: dict = {"donate_argnums": (0,)}
         upd_kw: dict = {"donate_argnums": (0,)}
         pen_kw: dict = {"donate_argnums": (0,)}
         self._replicated = None
@@ -183,11 +194,13 @@ class ModelRunner:
             kvs = kv.sharding
             st = jax.tree.map(lambda _: rep, self.state)
             dec_kw.update(in_shardings=(p_sh, kvs, kvs, st, rep, rep), out_shardings=(kvs, kvs, st, rep))
-            stp_kw.update(in_shardings=(p_sh, kvs, kvs, st, rep), out_shardings=(kvs, kvs, st, rep))
+            stp_kw.update(in_shardings=(p_sh, kvs, kvs, st, rep), out_shardings=(kvs, kvs, rep, rep))
+            smp_kw.update(in_shardings=(st, rep, rep, rep), out_shardings=(st, rep))
             upd_kw.update(in_shardings=(st, rep), out_shardings=st)
             pen_kw.update(in_shardings=(st, rep, rep, rep), out_shardings=st)
         self.programs = {
-            "step": Program("step", jax.jit(functools.partial(_step, model_cfg, model, **samp), **stp_kw)),
+            "step": Program("step", jax.jit(functools.partial(_step, model_cfg, model), **stp_kw)),
+            "sample": Program("sample", jax.jit(functools.partial(_sample_rows, **samp), **smp_kw)),
             "decode": Program("decode", lambda key: jax.jit(functools.partial(
                 _decode, model_cfg, model, self.K, self.page_size, key[1] // self.page_size, **samp),
                 **dec_kw), per_key=True),
@@ -233,8 +246,11 @@ class ModelRunner:
         shape = self.step_shape(rows)
         x, sampled = pack(shape, rows, self.page_size)
         with self.guard.watch(f"step T={shape.tokens} C={shape.context}"):
-            self.kv.k, self.kv.v, self.state, out = self.programs["step"](
+            self.kv.k, self.kv.v, lg, next_pos = self.programs["step"](
                 (shape.tokens, shape.context), self.params, self.kv.k, self.kv.v, self.state, self._put(x))
+        with self.guard.watch(f"sample R={shape.rows}"):
+            self.state, out = self.programs["sample"](shape.rows, self.state, lg, self._put(x.sample_slot),
+                                                      next_pos)
         _copy_async(out)
         return out, sampled
 
@@ -257,6 +273,8 @@ class ModelRunner:
         b = self.buckets
         out = [("decode", (B, C)) for B, C in b.decode_shapes()]
         out += [("step", (T, C)) for T, C in b.step_shapes()]
+        out += [("sample", R) for R in sorted({StepShape(T, C, self.ecfg.max_batch).rows
+                                               for T, C in b.step_shapes()})]
         out += [("set_penalties", 1)] + [("apply_rows", n) for n in b.decode_batch]
         return out
 
@@ -265,6 +283,9 @@ class ModelRunner:
         if name == "step":
             x, _ = pack(StepShape(key[0], key[1], self.ecfg.max_batch), [], self.page_size)
             return (self.params, self.kv.k, self.kv.v, self.state, self._put(x))
+        if name == "sample":
+            return (self.state, *self._put((np.zeros((key, self.cfg.vocab_size), np.float32),
+                                             np.full(key, -1, np.int32), np.zeros(key, np.int32))))
         if name == "decode":
             B, C = key
             return (self.params, self.kv.k, self.kv.v, self.state, *self._put((np.full(B, -1, np.int32),

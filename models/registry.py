@@ -45,9 +45,8 @@ def load_model(path: str | None = None, dtype: str | None = "float32", progress:
                cache_dir: str | None = None) -> ModelBundle:
     """Load config, params (numpy, ``dtype``; None keeps the stored dtype) and tokenizer.
 
-    ``cache_dir``: a GGUF file is parsed and dequantized once, then loaded from a Ferry
-    checkpoint kept there (models/load_cache.py): 1.0 s instead of 14 s for the default
-    model on the 2-core CPU (7.3 s of it reading the GGUF's metadata arrays, 3.4 s dequantizing).
+    ``cache_dir``: a GGUF file is parsed and dequantized once, then loaded from a cache
+    entry kept there (models/load_cache.py has the measured costs).
     """
     path = default_model_path() if path is None else os.path.expanduser(str(path))
     if not os.path.exists(path):

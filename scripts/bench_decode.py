@@ -13,7 +13,10 @@ embedding table, are read once per decode step, which yields B tokens; the HBM c
 same run, before the engines start) and the fraction of it Ferry's decode rate
 reaches (``rows[i]["roofline_tok_s"]``, ``rows[i]["roofline_fraction"]``).
 On a GPU the HF model is built on the GPU and its inputs are put on the
-model's device. Writes JSON to --output (after every batch size, so a timeout
+model's device. ``--gemm-floor`` also times, at every batch size, the weight matmuls of one
+decode step alone (every layer's projections and the LM head, random f32 weights of the
+model's shapes, ``[out, in]`` as Ferry stores them) in one jitted XLA program and in torch, in
+the same run: ``B / that time`` bounds any engine's decode rate on this machine from above. Writes JSON to --output (after every batch size, so a timeout
 keeps the finished rows).
 """
 from __future__ import annotations
@@ -131,6 +134,46 @@ def add_roofline(result: dict, bw: float, weight_bytes: int) -> None:
             result["roofline_fraction_batch1"] = r["roofline_fraction"]
 
 
+def step_matmul_shapes(cfg) -> list[tuple[int, int]]:
+    """(out, in) of every weight matmul in one decode step of ``cfg`` (dense models)."""
+    D, Dh, F = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    q, kv = cfg.num_heads * Dh, cfg.num_kv_heads * Dh
+    return [(q, D), (kv, D), (kv, D), (D, q), (F, D), (F, D), (D, F)] * cfg.num_layers + [(cfg.vocab_size, D)]
+
+
+def gemm_floor(shapes, batch: int, repeats: int = 7) -> dict:
+    """Median seconds of ``x[batch, in] @ w[out, in].T`` over ``shapes`` (one step's matmuls): one
+    jitted XLA program, and torch on every core. Independent matmuls: XLA may overlap them, which
+    only lowers the floor."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+    rng = np.random.default_rng(0)
+    ws = [rng.standard_normal(s, dtype=np.float32) for s in shapes]
+    xs = {n: rng.standard_normal((batch, n), dtype=np.float32) for n in {s[1] for s in shapes}}
+
+    def timed(fn) -> float:
+        fn()
+        ts = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+        return sorted(ts)[len(ts) // 2]
+
+    jw, jx = [jnp.asarray(w) for w in ws], {n: jnp.asarray(x) for n, x in xs.items()}
+    dims = [w.shape[1] for w in ws]
+    f = jax.jit(lambda xd, wl: [jax.lax.dot_general(xd[n], w, (((1,), (1,)), ((), ()))) for n, w in zip(dims, wl)])
+    xla_s = timed(lambda: jax.block_until_ready(f(jx, jw)))
+    torch.set_num_threads(os.cpu_count() or 1)
+    tw, tx = [torch.from_numpy(w) for w in ws], {n: torch.from_numpy(x) for n, x in xs.items()}
+    with torch.inference_mode():
+        torch_s = timed(lambda: [tx[n] @ w.T for n, w in zip(dims, tw)])
+    return {"xla_ms": round(1000 * xla_s, 2), "torch_ms": round(1000 * torch_s, 2),
+            "xla_floor_tok_s": round(batch / xla_s, 1), "torch_floor_tok_s": round(batch / torch_s, 1)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", default=None, help="random weights of this shape (e.g. llama-3.2-1b)")
@@ -140,6 +183,8 @@ def main() -> int:
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--output", default=None)
     ap.add_argument("--dtype", default="auto", help="Ferry's dtype (auto: float32 on CPU, bfloat16 on GPU)")
+    ap.add_argument("--gemm-floor", action="store_true", help="also time one decode step's matmuls alone "
+                    "(XLA and torch, f32)")
     args = ap.parse_args()
     batches = [int(b) for b in (args.batches or ("1,16,64" if args.shape else "1,4,16,64")).split(",")]
 
@@ -169,6 +214,9 @@ def main() -> int:
         if hf is not None:
             r["hf"] = bench_hf(hf, prompt_ids, b, args.new_tokens, args.repeats)
             r["ratio"] = r["ferry"]["tok_s"] / r["hf"]["tok_s"]
+        if args.gemm_floor:
+            r["gemm_floor"] = gemm_floor(step_matmul_shapes(llm.engine.model_config), b)
+            print(f"[bench] batch {b}: one step's matmuls alone {r['gemm_floor']}", flush=True)
         rows.append(r)
         if args.shape:
             add_roofline(result, bw, weight_bytes_per_step(llm.engine.params))
@@ -177,11 +225,12 @@ def main() -> int:
         if args.output:
             _write(args.output, result)
 
-    print(f"\n{'batch':>5} {'ferry tok/s':>12} {'ferry decode':>13} {'hf tok/s':>10} {'ratio':>7}")
+    print(f"\n{'batch':>5} {'ferry tok/s':>12} {'ferry decode':>13} {'hf tok/s':>10} {'ratio':>7} {'xla gemm floor':>15}")
     for r in rows:
         hf_s = f"{r['hf']['tok_s']:10.1f}" if "hf" in r else f"{'-':>10}"
         ratio = f"{r['ratio']:7.2f}" if "ratio" in r else f"{'-':>7}"
-        print(f"{r['batch']:>5} {r['ferry']['tok_s']:12.1f} {r['ferry']['decode_tok_s']:13.1f} {hf_s} {ratio}")
+        floor = f"{r['gemm_floor']['xla_floor_tok_s']:15.1f}" if "gemm_floor" in r else f"{'-':>15}"
+        print(f"{r['batch']:>5} {r['ferry']['tok_s']:12.1f} {r['ferry']['decode_tok_s']:13.1f} {hf_s} {ratio} {floor}")
     if "roofline_fraction_batch1" in result:
         print(f"batch-1 roofline {result['roofline_tok_s_batch1']:.0f} tok/s; achieved "
               f"{100 * result['roofline_fraction_batch1']:.1f}%")

@@ -58,25 +58,20 @@ def run_baseline(a, policies):
     subprocess with that revision's own bench_serving.py); returns its per-policy summaries."""
     import subprocess
     import tempfile
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    wt = tempfile.mkdtemp(prefix="ferry-baseline-")
+    from baseline import worktree
     res_path = os.path.join(tempfile.mkdtemp(prefix="ferry-baseline-out-"), "baseline.json")
-    subprocess.run(["git", "-C", root, "worktree", "add", "--detach", wt, a.baseline_rev], check=True,
-                   capture_output=True)
-    cmd = [sys.executable, os.path.join(wt, "scripts", "bench_serving.py"), "--trace", os.path.abspath(a.trace),
-           "--policy", a.policy, "--output", res_path, "--max-batch", str(a.max_batch),
-           "--max-model-len", str(a.max_model_len)]
-    for flag, v in (("--model", a.model), ("--num-pages", a.num_pages), ("--host-pages", a.host_pages),
-                    ("--base-quantum", a.base_quantum), ("--starve-limit", a.starve_limit)):
-        if v is not None:
-            cmd += [flag, str(v)]
     print(f"baseline {a.baseline_rev}:", flush=True)
-    try:
+    with worktree(a.baseline_rev) as wt:
+        cmd = [sys.executable, os.path.join(wt, "scripts", "bench_serving.py"), "--trace", os.path.abspath(a.trace),
+               "--policy", a.policy, "--output", res_path, "--max-batch", str(a.max_batch),
+               "--max-model-len", str(a.max_model_len)]
+        for flag, v in (("--model", a.model), ("--num-pages", a.num_pages), ("--host-pages", a.host_pages),
+                        ("--base-quantum", a.base_quantum), ("--starve-limit", a.starve_limit)):
+            if v is not None:
+                cmd += [flag, str(v)]
         subprocess.run(cmd, cwd=wt, env=dict(os.environ, PYTHONPATH=wt), check=True, timeout=7200)
         with open(res_path) as f:
             base = json.load(f)
-    finally:
-        subprocess.run(["git", "-C", root, "worktree", "remove", "--force", wt], capture_output=True)
     return {"rev": a.baseline_rev, **{p: base[p] for p in policies}}
 
 

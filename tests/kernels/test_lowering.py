@@ -368,10 +368,10 @@ def _state_sds(S, P, V):
 
 
 def test_engine_step_lowers_with_pallas_kernels(gpu_runner):
-    """The engine's ragged step (caches and slot state donated) for CUDA: per layer one K/V write
-    (both caches aliased in place), the decode kernel for one-token rows and the prefill kernel for
-    query blocks, then the sampler's compactions; the donated caches and slot state are aliased to
-    the program's outputs, so no cache copy is needed anywhere in the step."""
+    """The engine's ragged step (caches donated) for CUDA: per layer one K/V write (both caches
+    aliased in place), the decode kernel for one-token rows and the prefill kernel for query
+    blocks, and nothing else (sampling is the ``sample`` program's); the donated caches are
+    aliased to the program's outputs, so no cache copy is needed anywhere in the step."""
     runner, cfg, params, cache = gpu_runner
     st = _state_sds(runner.ecfg.max_batch, runner.ecfg.max_pages_per_seq, cfg.vocab_size)
     lowered = runner.programs["step"].fn.trace(params, cache, cache, st, _step_inputs(runner, 16, 64)).lower(
@@ -379,13 +379,26 @@ def test_engine_step_lowers_with_pallas_kernels(gpu_runner):
     ks = launches(lowered)
     names = [k.name for k in ks]
     L = cfg.num_layers
-    assert names[:3 * L] == ["ferry_write_kv", "ferry_paged_attention", "ferry_prefill_attention"] * L
-    assert set(names[3 * L:]) == {"ferry_nonzero_count", "ferry_nonzero_scatter"}
-    for w in ks[:3 * L:3]:
+    assert names == ["ferry_write_kv", "ferry_paged_attention", "ferry_prefill_attention"] * L
+    for w in ks[::3]:
         assert w.aliases == [(0, 4), (1, 5)]
     main = lowered.as_text().split("func.func public @main(", 1)[1].split("\n", 1)[0]
+    assert re.findall(r"tf\.aliasing_output = (\d+)", main) == ["0", "1"]
+
+
+def test_engine_sample_program_lowers_with_pallas_compaction(gpu_runner):
+    """The step's ``sample`` program for CUDA: the sampler's and the finished rows' compactions
+    (count kernel, then scatter) and the donated slot state aliased to its outputs."""
+    runner, cfg, _, _ = gpu_runner
+    R = runner.ecfg.max_batch
+    st = _state_sds(R, runner.ecfg.max_pages_per_seq, cfg.vocab_size)
+    lowered = runner.programs["sample"].fn.trace(st, SDS((R, cfg.vocab_size), jnp.float32), SDS((R,), I32),
+                                                 SDS((R,), I32)).lower(lowering_platforms=("cuda",))
+    names = [k.name for k in launches(lowered)]
+    assert names and names == ["ferry_nonzero_count", "ferry_nonzero_scatter"] * (len(names) // 2)
+    main = lowered.as_text().split("func.func public @main(", 1)[1].split("\n", 1)[0]
     n_state = len(jax.tree.leaves(st))
-    assert re.findall(r"tf\.aliasing_output = (\d+)", main) == [str(i) for i in range(2 + n_state)]
+    assert re.findall(r"tf\.aliasing_output = (\d+)", main) == [str(i) for i in range(n_state)]
 
 
 def test_engine_decode_loop_lowers_with_pallas_kernels(gpu_runner):
