@@ -24,7 +24,6 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from results_io import machine, write_json  # noqa: E402
 
@@ -119,18 +118,14 @@ def main() -> None:
     for K in a.decode_steps:
         res["results"][f"decode_steps={K}"] = measure(K, a.batches, a.tokens, cache)
     if a.baseline_rev:
-        wt = tempfile.mkdtemp(prefix="ferry-baseline-")
-        subprocess.run(["git", "-C", ROOT, "worktree", "add", "--detach", wt, a.baseline_rev], check=True,
-                       capture_output=True)
-        try:
+        from baseline import worktree
+        with worktree(a.baseline_rev) as wt:
             r = subprocess.run([sys.executable, "-c", _BASELINE, json.dumps(a.batches), str(a.tokens)],
                                cwd=wt, env=dict(os.environ, PYTHONPATH=wt), capture_output=True, text=True,
                                timeout=3600)
             if r.returncode != 0:
                 raise RuntimeError(r.stderr[-2000:])
             base = {int(k): v for k, v in json.loads(r.stdout.strip().splitlines()[-1]).items()}
-        finally:
-            subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", wt], capture_output=True)
         res["baseline"] = {"rev": a.baseline_rev, "engine_ms_per_step": base}
         for B, ms in base.items():
             best = min(v[B]["engine_ms_per_step"] for v in res["results"].values())
