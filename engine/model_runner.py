@@ -9,10 +9,11 @@ Programs (engine/programs.py; every shape is in ``EngineConfig.buckets()``):
   their input token from their slot.
 * ``sample[R]``: dispatched right after ``step`` (no host sync in between): sampling on
   device for those R rows; the token goes into the row's slot (``SlotState.tokens``), so
-  the next step reads it on device. It is its own program, keyed by rows only, because
-  the sampler is a third of a step program's compile time (default model, 2-core CPU:
-  about 2 of 7 CPU-seconds; ``scripts/bench_compile.py``) and every (T, C) bucket of the
-  step would otherwise compile it again.
+  the next step reads it on device. It is its own program, keyed by rows only, so the
+  (T, C) buckets of the step do not each compile the sampler again (default model, 2-core
+  CPU: the sampler alone compiles in 2.7 s wall, a step forward in 8.2-10.2 s;
+  benchmarks/results/compile_cpu_2core.json; ``ferry serve`` cold 1.08x faster side by
+  side, startup_cpu_2core.json).
 * ``decode[B, C]``: up to ``decode_steps`` decode iterations of B slots in one
   ``lax.while_loop`` (forward, K/V write, sampling, penalty statistics), each
   iteration feeding the sampled tokens to the next on device. A row stops at a
