@@ -86,30 +86,47 @@ def _record(state: SlotState, rows, live, tok, positions, hit):
                      state.block_tables, sb, pen)
 
 
+def _live(state: SlotState, rows, safe):
+    """bool[B]: which of ``rows`` (slots, -1 = padding; ``safe``: the same clipped into range)
+    still have tokens to produce."""
+    sb = _slot_batch(state, safe)
+    return (rows >= 0) & (sb.max_tokens > 0) & (sb.step < sb.max_tokens)
+
+
+def _sample_into(state: SlotState, lg, rows, safe, live, next_pos, *, select: str, compaction_impl: str):
+    """Sample one token per row from ``lg`` f32[B, V] with each slot's parameters and penalty
+    statistics, and record it in the slots of ``live`` rows (at ``next_pos``). Returns the new
+    state, (tokens, logprob, top_ids, top_logprobs) and ``done``: live rows that stopped (a stop
+    id, or max_tokens reached)."""
+    sb = _slot_batch(state, safe)
+    pen = lambda: Penalties(state.penalties.counts[safe], state.penalties.seen[safe])   # noqa: E731
+    tok, lp, top_ids, top_lp, hit = sample(lg, sb, pen, select=select, compaction_impl=compaction_impl)
+    state = _record(state, rows, live, tok, next_pos, hit)
+    done = live & (hit | (sb.step + 1 >= sb.max_tokens))
+    return state, (tok, lp, top_ids, top_lp), done
+
+
 def _step(cfg: ModelConfig, model: Llama, params, k, v, state: SlotState, x: StepInputs):
     """The forward of one ragged step (see module docstring). Returns the caches, the logits
-    f32[R, V] of the sampled rows and each sampled row's next position i32[R]."""
+    f32[R, V] of the sampled rows, their slots i32[R] (-1 = padding) and next positions i32[R]:
+    the ``sample`` program's inputs, left on device."""
     S = state.tokens.shape[0]
     T = x.tokens.shape[0]
     tok = jnp.where(x.from_slot >= 0, state.tokens[jnp.clip(x.from_slot, 0, S - 1)], x.tokens)
     h, k, v = model.apply({"params": params}, tok, x.positions, k, v, x.meta)
     at = jnp.clip(x.sample_token, 0, T - 1)
-    return k, v, logits(cfg, params, h[at]), x.positions[at] + 1
+    return k, v, logits(cfg, params, h[at]), x.sample_slot, x.positions[at] + 1
 
 
 def _sample_rows(state: SlotState, lg, rows, next_pos, *, select: str, compaction_impl: str):
     """Sample one token for each of ``rows`` (i32[R] slots, -1 = padding) from ``lg`` f32[R, V]
     into their slots; outputs have K = 1 and one row per sampled row."""
-    S = state.tokens.shape[0]
-    safe = jnp.clip(rows, 0, S - 1)
-    sb = _slot_batch(state, safe)
-    live = (rows >= 0) & (sb.max_tokens > 0) & (sb.step < sb.max_tokens)
-    pen = lambda: Penalties(state.penalties.counts[safe], state.penalties.seen[safe])   # noqa: E731
-    tok_s, lp, top_ids, top_lp, hit = sample(lg, sb, pen, select=select, compaction_impl=compaction_impl)
-    state = _record(state, rows, live, tok_s, next_pos, hit)
-    done = live & (hit | (sb.step + 1 >= sb.max_tokens))
+    safe = jnp.clip(rows, 0, state.tokens.shape[0] - 1)
+    live = _live(state, rows, safe)
+    state, (tok, lp, top_ids, top_lp), done = _sample_into(state, lg, rows, safe, live, next_pos, select=select,
+                                                           compaction_impl=compaction_impl)
     idx, n = nonzero(done, size=rows.shape[0], impl=compaction_impl)
-    out = StepOutputs(jnp.where(live, tok_s, -1)[None], lp[None], top_ids[None], top_lp[None],
+    out = StepOutputs(jnp.where(live, tok, -1)[None], lp[None], top_ids[None], top_lp[None],
                       live.astype(jnp.int32), idx, n)
     return state, out
 
@@ -123,8 +140,7 @@ def _decode(cfg: ModelConfig, model: Llama, K: int, page_size: int, ctx_pages: i
     P = ctx_pages
     tables = state.block_tables[safe, :P]                      # i32[B, P]
     C = P * page_size
-    sb0 = _slot_batch(state, safe)
-    live0 = (rows >= 0) & (sb0.max_tokens > 0) & (sb0.step < sb0.max_tokens)
+    live0 = _live(state, rows, safe)
 
     N = MAX_LOGPROBS
     outs0 = StepOutputs(jnp.full((K, B), -1, jnp.int32), jnp.zeros((K, B), jnp.float32),
@@ -145,11 +161,8 @@ def _decode(cfg: ModelConfig, model: Llama, K: int, page_size: int, ctx_pages: i
         meta = AttnMeta(slot_map, RaggedLayout.decode(tables, jnp.where(ok, pos + 1, 0)))
         h, k, v = model.apply({"params": params}, tok_in, jnp.where(ok, pos, 0), k, v, meta)
         lg = logits(cfg, params, h)
-        sb = _slot_batch(st, safe)
-        pen = lambda: Penalties(st.penalties.counts[safe], st.penalties.seen[safe])   # noqa: E731
-        tok, lp, top_ids, top_lp, hit = sample(lg, sb, pen, select=select, compaction_impl=compaction_impl)
-        st = _record(st, rows, ok, tok, pos + 1, hit)
-        done = ok & (hit | (sb.step + 1 >= sb.max_tokens))
+        st, (tok, lp, top_ids, top_lp), done = _sample_into(st, lg, rows, safe, ok, pos + 1, select=select,
+                                                            compaction_impl=compaction_impl)
         o = StepOutputs(o.tokens.at[i].set(jnp.where(ok, tok, -1)), o.logprob.at[i].set(lp),
                         o.top_ids.at[i].set(top_ids), o.top_logprobs.at[i].set(top_lp),
                         o.num_tokens + ok.astype(jnp.int32), o.finished_idx, o.num_finished)
@@ -195,7 +208,7 @@ class ModelRunner:
             kvs = kv.sharding
             st = jax.tree.map(lambda _: rep, self.state)
             dec_kw.update(in_shardings=(p_sh, kvs, kvs, st, rep, rep), out_shardings=(kvs, kvs, st, rep))
-            stp_kw.update(in_shardings=(p_sh, kvs, kvs, st, rep), out_shardings=(kvs, kvs, rep, rep))
+            stp_kw.update(in_shardings=(p_sh, kvs, kvs, st, rep), out_shardings=(kvs, kvs, rep, rep, rep))
             smp_kw.update(in_shardings=(st, rep, rep, rep), out_shardings=(st, rep))
             upd_kw.update(in_shardings=(st, rep), out_shardings=st)
             pen_kw.update(in_shardings=(st, rep, rep, rep), out_shardings=st)
@@ -247,11 +260,10 @@ class ModelRunner:
         shape = self.step_shape(rows)
         x, sampled = pack(shape, rows, self.page_size)
         with self.guard.watch(f"step T={shape.tokens} C={shape.context}"):
-            self.kv.k, self.kv.v, lg, next_pos = self.programs["step"](
+            self.kv.k, self.kv.v, lg, rows, next_pos = self.programs["step"](
                 (shape.tokens, shape.context), self.params, self.kv.k, self.kv.v, self.state, self._put(x))
         with self.guard.watch(f"sample R={shape.rows}"):
-            self.state, out = self.programs["sample"](shape.rows, self.state, lg, self._put(x.sample_slot),
-                                                      next_pos)
+            self.state, out = self.programs["sample"](shape.rows, self.state, lg, rows, next_pos)
         _copy_async(out)
         return out, sampled
 

@@ -72,14 +72,14 @@ def save_entry(entry: str, bundle) -> None:
     os.makedirs(entry, exist_ok=True)
     flat = _flatten(bundle.params)
     # safetensors' numpy API has no bfloat16: such arrays go in as their uint16 bits
-    dtypes = {k: str(a.dtype) for k, a in flat.items() if a.dtype.name == "bfloat16"}
-    save_file({k: (a.view(np.uint16) if k in dtypes else a) for k, a in flat.items()},
+    bf16 = {k for k, a in flat.items() if a.dtype.name == "bfloat16"}
+    save_file({k: (a.view(np.uint16) if k in bf16 else a) for k, a in flat.items()},
               os.path.join(entry, "params.safetensors"))
     with open(os.path.join(entry, "config.json"), "w") as f:
         f.write(bundle.config.to_json())
     bundle.tokenizer.save(entry)
     with open(os.path.join(entry, MARKER), "w") as f:
-        json.dump({"version": VERSION, "bfloat16": sorted(dtypes), "source": bundle.source_path}, f)
+        json.dump({"version": VERSION, "bfloat16": sorted(bf16), "source": bundle.source_path}, f)
 
 
 def load_entry(entry: str, source: str):

@@ -18,3 +18,13 @@ def worktree(rev: str):
         yield wt
     finally:
         subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", wt], capture_output=True)
+
+
+def alternate(rev: str, rounds: int):
+    """Yield ("baseline", path at ``rev``) and ("now", this tree) in turn, ``rounds`` times, inside
+    one worktree: the VM's speed drifts within an hour, so two revisions are compared only when
+    timed alternately in the same run."""
+    with worktree(rev) as wt:
+        for _ in range(rounds):
+            yield "baseline", wt
+            yield "now", ROOT

@@ -16,8 +16,8 @@ On a GPU the HF model is built on the GPU and its inputs are put on the
 model's device. ``--gemm-floor`` also times, at every batch size, the weight matmuls of one
 decode step alone (every layer's projections and the LM head, random f32 weights of the
 model's shapes, ``[out, in]`` as Ferry stores them) in one jitted XLA program and in torch, in
-the same run: ``B / that time`` bounds any engine's decode rate on this machine from above. Writes JSON to --output (after every batch size, so a timeout
-keeps the finished rows).
+the same run: ``B / that time`` bounds any engine's decode rate on this machine from above.
+Writes JSON to --output (after every batch size, so a timeout keeps the finished rows).
 """
 from __future__ import annotations
 

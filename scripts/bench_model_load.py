@@ -8,6 +8,7 @@ Prints the seconds and writes JSON naming the machine and the command.
 """
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -31,28 +32,24 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--output", default=None)
     a = ap.parse_args()
-    from baseline import ROOT, worktree
+    from baseline import ROOT, alternate
     res = {"command": "python scripts/bench_model_load.py " + " ".join(sys.argv[1:]), "machine": machine(),
            "model": "default (SmolLM2-135M-Instruct GGUF)", "now": {"cold_s": [], "warm_s": []}}
-
-    def rounds(trees: dict) -> None:
-        for _ in range(a.rounds):
-            for name, tree in trees.items():
-                cache = tempfile.mkdtemp(prefix="ferry-load-")
-                res[name]["cold_s"].append(_load(tree, cache))
-                res[name]["warm_s"].append(_load(tree, cache))
-                print(f"{name}: cold {res[name]['cold_s'][-1]} s, warm {res[name]['warm_s'][-1]} s", flush=True)
-                subprocess.run(["rm", "-rf", cache])
-
     if a.baseline_rev:
         res["baseline"] = {"rev": a.baseline_rev, "cold_s": [], "warm_s": []}
-        with worktree(a.baseline_rev) as wt:
-            rounds({"baseline": wt, "now": ROOT})
+        trees = alternate(a.baseline_rev, a.rounds)
+    else:
+        trees = [("now", ROOT)] * a.rounds
+    for name, tree in trees:
+        cache = tempfile.mkdtemp(prefix="ferry-load-")
+        res[name]["cold_s"].append(_load(tree, cache))
+        res[name]["warm_s"].append(_load(tree, cache))
+        print(f"{name}: cold {res[name]['cold_s'][-1]} s, warm {res[name]['warm_s'][-1]} s", flush=True)
+        shutil.rmtree(cache, ignore_errors=True)
+    if a.baseline_rev:
         for k in ("cold_s", "warm_s"):
             res[f"baseline_over_now_{k[:-2]}"] = round(sum(res["baseline"][k]) / sum(res["now"][k]), 2)
         print({k: v for k, v in res.items() if k.startswith("baseline_over")})
-    else:
-        rounds({"now": ROOT})
     write_json(a.output, res)
 
 

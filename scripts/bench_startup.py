@@ -88,15 +88,13 @@ def _serve(cache: str, tree: str | None = None) -> dict:
 
 
 def _side_by_side(rev: str, rounds: int, root: str) -> dict:
-    from baseline import ROOT, worktree
+    from baseline import alternate
     out: dict = {"baseline_rev": rev, "baseline": [], "now": []}
-    with worktree(rev) as wt:
-        for i in range(rounds):
-            for name, tree in (("baseline", wt), ("now", ROOT)):
-                cache = os.path.join(root, f"ab-{name}-{i}")
-                out[name].append(_serve(cache, tree)["ready_s"])
-                shutil.rmtree(cache, ignore_errors=True)
-                print(f"serve cold, {name}:", out[name][-1], flush=True)
+    for name, tree in alternate(rev, rounds):
+        cache = os.path.join(root, f"ab-{name}-{len(out[name])}")
+        out[name].append(_serve(cache, tree)["ready_s"])
+        shutil.rmtree(cache, ignore_errors=True)
+        print(f"serve cold, {name}:", out[name][-1], flush=True)
     out["baseline_over_now"] = round(sum(out["baseline"]) / sum(out["now"]), 3)
     print("serve cold, baseline / now:", out["baseline_over_now"], flush=True)
     return out
