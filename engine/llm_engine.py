@@ -98,7 +98,9 @@ class LLMEngine:
         self.dtype = dtype
         if bundle is None and config.model and config.model.startswith("random:"):
             from ferry.models.random_weights import random_bundle
-            bundle = random_bundle(config.model, seed=config.seed)
+            on_device = jax.default_backend() != "cpu" and config.tensor_parallel == 1
+            bundle = random_bundle(config.model, seed=config.seed, dtype=dtype if on_device else np.float32,
+                                   on_device=on_device)
         if bundle is None:
             from ferry.models.registry import load_model
             bundle = load_model(config.model, dtype="float32", cache_dir=config.model_cache_dir)

@@ -136,17 +136,20 @@ def logits(cfg: ModelConfig, params, hidden):
 def runtime_params(params: dict) -> dict:
     """Storage layout (models/config.py: stacked on L, ``[in, out]``) -> this module's tree.
 
-    Works on numpy (host) arrays; every weight becomes its own contiguous array. Stacked
-    matrices f[L, in, out] are transposed to [out, in]; expert stacks f[L, E, in, out] are not.
+    Works on numpy (host) arrays, or on device arrays (then it stays on the device: random
+    weights drawn there); every weight becomes its own contiguous array. Stacked matrices
+    f[L, in, out] are transposed to [out, in]; expert stacks f[L, E, in, out] are not.
     """
     lay = params["layers"]
+    on_device = isinstance(next(iter(lay.values())), jax.Array)
+    xp = jnp if on_device else np
+    own = (lambda a: jnp.array(a, copy=True)) if on_device else np.ascontiguousarray
     L = next(iter(lay.values())).shape[0]
-    out = {k: np.asarray(v) for k, v in params.items() if k != "layers"}
+    out = {k: xp.asarray(v) for k, v in params.items() if k != "layers"}
     if "lm_head" in out:
-        out["lm_head"] = np.ascontiguousarray(out["lm_head"].T)
+        out["lm_head"] = own(out["lm_head"].T)
     for i in range(L):
-        out[f"layer_{i}"] = {name: np.ascontiguousarray(np.asarray(a[i]).T if np.ndim(a) == 3 else a[i])
-                             for name, a in lay.items()}
+        out[f"layer_{i}"] = {name: own(a[i].T if np.ndim(a) == 3 else a[i]) for name, a in lay.items()}
     return out
 
 

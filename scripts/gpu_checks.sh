@@ -7,6 +7,8 @@
 # 2. Kernel self-check (python -m ferry.kernels.selection): each Pallas kernel compiled and compared
 #    with its reference, as the engine does at start-up (plus the opt-in Mosaic GPU decode variant);
 #    a fallback is reported, not fatal.
+#    Then the engine itself, Pallas against references: greedy tokens side by side
+#    (scripts/gpu_engine_parity.py, random tiny model).
 # 3. Kernel benchmarks (scripts/bench_kernels.py), one process per section, attention first.
 # 4. Sampling benchmark at Llama-3's vocabulary (synthetic logits: no weights on the device).
 # 5. Decode benchmarks, Llama-3.2-1B shape (Ferry and HF) then Llama-3-8B shape (Ferry only),
@@ -18,30 +20,56 @@
 # runs out is killed and the next one starts. Every step writes its JSON under $OUT (the device
 # tool's folder; default benchmarks/results/gpu) as soon as it has numbers: a killed step keeps
 # its finished rows. The device image has no gguf / fastapi / uvicorn; no step imports them.
+#
+# The device tool brings back at most 8 files from $OUT. For it, set GPU_CHECKS_PACK to that folder
+# and OUT to a scratch folder: after every step the results so far are packed into
+# $GPU_CHECKS_PACK/gpu_results.tar (and the log copied there), so a killed run keeps them too:
+#
+#   pack=$OUT; OUT=/tmp/gpu GPU_CHECKS_PACK=$pack bash scripts/gpu_checks.sh
+#
+# PYTHON (default python3: on the device image a bare `python` may be missing or another one);
+# GPU_CHECKS_ONLY="selfcheck decode_llama-3.2-1b": run only the named steps (a rerun after a fix).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}
 out=${OUT:-benchmarks/results/gpu}
+pack=${GPU_CHECKS_PACK:-}
 budget=${GPU_CHECKS_BUDGET:-450}
+only=${GPU_CHECKS_ONLY:-}
 mkdir -p "$out"
 log="$out/gpu_checks.log"
 : > "$log"
 : > "$out/steps.txt"
 
-backend=$(timeout 90 python -c "import jax; print(jax.default_backend())" 2>>"$log" | tail -n 1)
+# pack_results: the results so far as one tar beside a copy of the log (no-op without GPU_CHECKS_PACK).
+pack_results() {
+    [ -n "$pack" ] || return 0
+    mkdir -p "$pack"
+    tar -C "$out" -cf "$pack/gpu_results.tar.tmp" . && mv "$pack/gpu_results.tar.tmp" "$pack/gpu_results.tar"
+    cp "$log" "$pack/gpu_checks.log"
+}
+
+backend=$(timeout 90 "$py" -c "import jax; print(jax.default_backend())" 2>>"$log" | tail -n 1)
 if [ "$backend" != "gpu" ]; then
     echo "gpu_checks.sh: JAX's backend is '${backend:-unknown}', not a GPU: nothing measured." \
          "This script needs a CUDA jaxlib and a visible NVIDIA GPU (see $log)." | tee -a "$log" >&2
     exit 2
 fi
-tag=$(python -c "import jax; print(jax.devices()[0].device_kind.lower().replace(' ', '_'))" 2>>"$log")
+tag=$("$py" -c "import jax; print(jax.devices()[0].device_kind.lower().replace(' ', '_'))" 2>>"$log")
 echo "device: $tag; budget ${budget}s" | tee -a "$log"
-python -c "import jax, jaxlib; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, jax.devices())" 2>&1 | tee -a "$log"
+"$py" -c "import jax, jaxlib; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, jax.devices())" 2>&1 | tee -a "$log"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,memory.used,memory.total \
+    --format=csv 2>&1 | tee -a "$log"
 
 # step NAME CAP_SECONDS CMD...: run CMD under min(CAP, budget left), log it, record "NAME rc seconds".
 step() {
     local name=$1 cap=$2
     shift 2
+    if [ -n "$only" ] && [[ " $only " != *" $name "* ]]; then
+        echo "$name not_selected 0" >> "$out/steps.txt"
+        return
+    fi
     local left=$((budget - SECONDS))
     local t=$((cap < left ? cap : left))
     if ((t < 15)); then
@@ -55,19 +83,23 @@ step() {
     local rc=${PIPESTATUS[0]}
     echo "== $name: rc=$rc in $((SECONDS - t0))s" | tee -a "$log"
     echo "$name $rc $((SECONDS - t0))" >> "$out/steps.txt"
+    pack_results
 }
 
-step selfcheck 60 python -m ferry.kernels.selection --with-mosaic-gpu --output "$out/selection_$tag.json"
-step kernels_attention 110 python scripts/bench_kernels.py --sections attention --output "$out/kernels_attention_$tag.json"
-step kernels_compaction 35 python scripts/bench_kernels.py --sections compaction --output "$out/kernels_compaction_$tag.json"
-step kernels_kv_write 35 python scripts/bench_kernels.py --sections kv_write --output "$out/kernels_kv_write_$tag.json"
-step kernels_prefill 25 python scripts/bench_kernels.py --sections prefill --output "$out/kernels_prefill_$tag.json"
-step sampling 40 python scripts/bench_sampling.py --synthetic --vocab 128256 --batch 64 --repeats 5 \
+step selfcheck 60 "$py" -m ferry.kernels.selection --with-mosaic-gpu --output "$out/selection_$tag.json"
+step engine_parity 60 "$py" scripts/gpu_engine_parity.py --output "$out/engine_parity_$tag.json"
+step kernels_attention 110 "$py" scripts/bench_kernels.py --sections attention --output "$out/kernels_attention_$tag.json"
+step kernels_compaction 35 "$py" scripts/bench_kernels.py --sections compaction --output "$out/kernels_compaction_$tag.json"
+step kernels_kv_write 35 "$py" scripts/bench_kernels.py --sections kv_write --output "$out/kernels_kv_write_$tag.json"
+step kernels_prefill 25 "$py" scripts/bench_kernels.py --sections prefill --output "$out/kernels_prefill_$tag.json"
+step sampling 40 "$py" scripts/bench_sampling.py --synthetic --vocab 128256 --batch 64 --repeats 5 \
     --output "$out/sampling_$tag.json"
 # JAX would preallocate 75% of the GPU; HF's torch model shares it in the decode benchmark.
-XLA_PYTHON_CLIENT_MEM_FRACTION=0.6 step decode_llama-3.2-1b 120 python scripts/bench_decode.py --shape llama-3.2-1b \
+XLA_PYTHON_CLIENT_MEM_FRACTION=0.6 step decode_llama-3.2-1b 120 "$py" scripts/bench_decode.py --shape llama-3.2-1b \
     --batches 1,16,64 --repeats 1 --output "$out/decode_llama-3.2-1b_$tag.json"
-XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 step decode_llama-3-8b 200 python scripts/bench_decode.py --shape llama-3-8b \
+XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 step decode_llama-3-8b 200 "$py" scripts/bench_decode.py --shape llama-3-8b \
     --batches 1,16,64 --repeats 1 --no-hf --output "$out/decode_llama-3-8b_$tag.json"
 
-python scripts/gpu_summary.py "$out" 2>&1 | tee "$out/summary.txt"
+"$py" scripts/gpu_summary.py "$out" 2>&1 | tee "$out/summary.txt"
+pack_results
+[ -z "$pack" ] || cp "$out/summary.txt" "$pack/summary.txt"

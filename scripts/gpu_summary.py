@@ -3,6 +3,7 @@
 usage: python scripts/gpu_summary.py OUT_DIR [--json FILE]
 
 Reads what ``scripts/gpu_checks.sh`` writes: ``selection_*.json`` (kernel self-check),
+``engine_parity_*.json`` (scripts/gpu_engine_parity.py),
 ``kernels_*.json`` (scripts/bench_kernels.py; the sections of several files are merged),
 ``sampling_*.json`` and ``decode_<shape>_*.json``. A missing file or row shows as MISSING, never
 as a crash: the table is printed after a run that timed out too. Status: PASS / FAIL against the
@@ -84,6 +85,11 @@ def lines(folder: str) -> list[Line]:
                                     1.0 if o["impl"] == "pallas" else 0.0, "kept", None))
     if not any(x.what.startswith("self-check") for x in out):
         out.append(Line("kernel self-check", "0 fallbacks", None, "ops", None))
+    par = _load(folder, "engine_parity_*.json")
+    p = par[0] if par else {}
+    out.append(Line(f"engine greedy tokens, Pallas vs reference ({p.get('model', 'random:tiny')})",
+                    "all prompts", p.get("identical"), f"of {p.get('prompts', '?')}",
+                    None if not p else p.get("identical") == p.get("prompts")))
     k = _kernels(folder)
     pa = k["paged_attention"]
     r = _row(pa, B=64, L=2048)

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-STEPS = ["selfcheck", "kernels_attention", "kernels_compaction", "kernels_kv_write", "kernels_prefill", "sampling",
+STEPS = ["selfcheck", "engine_parity", "kernels_attention", "kernels_compaction", "kernels_kv_write", "kernels_prefill", "sampling",
          "decode_llama-3.2-1b", "decode_llama-3-8b"]
 
 
@@ -32,12 +32,12 @@ def test_exits_at_once_without_a_gpu(tmp_path):
 
 @pytest.fixture
 def fake_gpu_python(tmp_path):
-    """A ``python`` on PATH that answers the GPU probes with "gpu", records every other call (the steps)
+    """A ``python3`` on PATH that answers the GPU probes with "gpu", records every other call (the steps)
     and runs gpu_summary.py for real."""
     bindir = tmp_path / "bin"
     bindir.mkdir()
     calls = tmp_path / "calls.txt"
-    script = bindir / "python"
+    script = bindir / "python3"
     script.write_text(f"""#!/usr/bin/env bash
 case "$*" in
   *default_backend*) echo gpu ;;
@@ -60,7 +60,7 @@ def test_with_a_gpu_every_step_runs_in_order_then_the_summary(tmp_path, fake_gpu
     lines = calls.read_text().splitlines()
     assert len(lines) == len(STEPS)
     assert lines[0].startswith("-m ferry.kernels.selection") and "selection_fake_h200.json" in lines[0]
-    assert "--sections attention" in lines[1] and "--shape llama-3-8b" in lines[-1] and "--no-hf" in lines[-1]
+    assert "gpu_engine_parity.py" in lines[1] and "--sections attention" in lines[2] and "--shape llama-3-8b" in lines[-1] and "--no-hf" in lines[-1]
     assert all(str(tmp_path / "out") in ln for ln in lines)
     steps = [ln.split() for ln in (tmp_path / "out" / "steps.txt").read_text().splitlines()]
     assert [s[0] for s in steps] == STEPS and all(s[1] == "0" for s in steps)
@@ -73,6 +73,23 @@ def test_steps_past_the_budget_are_skipped(tmp_path, fake_gpu_python):
     assert r.returncode == 0 and not calls.exists()
     steps = [ln.split() for ln in (tmp_path / "out" / "steps.txt").read_text().splitlines()]
     assert [s[0] for s in steps] == STEPS and all(s[1] == "skipped" for s in steps)
+
+
+def test_only_selected_steps_run_and_results_are_packed(tmp_path, fake_gpu_python):
+    """GPU_CHECKS_ONLY runs the named steps alone; GPU_CHECKS_PACK gets one tar of $OUT and the log."""
+    import tarfile
+    bindir, calls = fake_gpu_python
+    pack = tmp_path / "pack"
+    r = _run(tmp_path, {"GPU_CHECKS_ONLY": "sampling decode_llama-3-8b", "GPU_CHECKS_PACK": str(pack)},
+             path_prefix=bindir)
+    assert r.returncode == 0, r.stderr
+    lines = calls.read_text().splitlines()
+    assert len(lines) == 2 and "bench_sampling.py" in lines[0] and "--shape llama-3-8b" in lines[1]
+    steps = dict(ln.split()[:2] for ln in (tmp_path / "out" / "steps.txt").read_text().splitlines())
+    assert steps["sampling"] == "0" and steps["selfcheck"] == "not_selected" and len(steps) == len(STEPS)
+    assert sorted(p.name for p in pack.iterdir()) == ["gpu_checks.log", "gpu_results.tar", "summary.txt"]
+    with tarfile.open(pack / "gpu_results.tar") as t:
+        assert {"./steps.txt", "./summary.txt", "./gpu_checks.log"} <= set(t.getnames())
 
 
 def test_summary_puts_targets_beside_measurements(tmp_path):
@@ -88,6 +105,7 @@ def test_summary_puts_targets_beside_measurements(tmp_path):
         {"n": 1 << 24, "speedup": 12.0, "ferry_over_floor": 2.5, "ferry_net_over_floor": 2.2}]}))
     (tmp_path / "decode_llama-3.2-1b_x.json").write_text(json.dumps({"shape": "llama-3.2-1b", "rows": [
         {"batch": 1, "ferry": {"decode_tok_s": 1000.0}, "roofline_fraction": 0.9, "roofline_tok_s": 1111}]}))
+    (tmp_path / "engine_parity_x.json").write_text(json.dumps({"identical": 5, "prompts": 6, "model": "m"}))
     (tmp_path / "selection_x.json").write_text(json.dumps({"choices": [{"shape": {"q_heads": 8}, "ops": [
         {"name": "compaction", "impl": "reference", "reason": "self-check failed: boom"}]}]}))
     st = {x.what: x.status for x in lines(str(tmp_path))}
@@ -100,6 +118,7 @@ def test_summary_puts_targets_beside_measurements(tmp_path):
     assert st["compaction n=2^24, same net of loop overhead"] == "FAIL"
     assert st["decode Llama-3.2-1B bf16 batch 1, fraction of roofline"] == "PASS"
     assert any(k.startswith("self-check") and v == "FAIL" for k, v in st.items())
+    assert st["engine greedy tokens, Pallas vs reference (m)"] == "FAIL"
     assert main([str(tmp_path), "--json", str(tmp_path / "s.json")]) == 0
     assert any("unavailable: no cuDNN" in x["what"] for x in json.loads((tmp_path / "s.json").read_text()))
     empty = tmp_path / "empty"
@@ -117,7 +136,7 @@ class Block(importlib.abc.MetaPathFinder):
         if name.split('.')[0] in ('gguf', 'fastapi', 'uvicorn', 'starlette'):
             raise ImportError('blocked: ' + name)
 sys.meta_path.insert(0, Block())
-import scripts.bench_kernels, scripts.bench_decode, scripts.bench_sampling, scripts.gpu_summary
+import scripts.bench_kernels, scripts.bench_decode, scripts.gpu_engine_parity, scripts.bench_sampling, scripts.gpu_summary
 import ferry.kernels.selection, ferry.engine.sampling, ferry.engine.llm_engine, ferry.models.random_weights
 from ferry import LLM, SamplingParams
 """
