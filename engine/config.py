@@ -39,16 +39,24 @@ BUCKET_RATIO = 4
 
 @dataclasses.dataclass(frozen=True)
 class Buckets:
-    """Compiled shapes.
+    """Compiled shapes, and the context buckets each program switches among on device.
 
     decode_batch:  rows B of a decode step (one token per row).
     step_tokens:   tokens T of a ragged step (decode rows and prefill chunks of several requests;
                    engine/step_inputs.py), up to ``max_num_batched_tokens``.
-    context:       tokens of context covered by a step's block tables (P_max * page_size).
+    context:       context buckets of a step's attention (tokens; a multiple of the page size).
     swap_pages:    pages moved per device<->host copy call.
     decode_context: context buckets of decode steps; finer at the low end than ``context``
                    because decode attention work scales with the bucket, not the real length
                    (on CPU: 36 of 88 ms per SmolLM2 batch-16 step at C=256 for 80-token rows).
+
+    Context is not a compiled axis: one program per B (decode) or T (step) holds the attention
+    of every context bucket as branches of a ``lax.switch`` (kernels/ragged_attention.by_context)
+    and picks the smallest bucket that holds its rows on device, each iteration. Each branch
+    costs what that bucket's own program did. Measured on the 2-core CPU (SmolLM2, B=16, rows at
+    40-250 tokens, one program against the other alternately): the switching program ran at 1.05x
+    the time of the C=256 program and compiled in 1.47x the time, in place of 4 programs
+    (``ferry serve`` built 26 programs before, 11 now; benchmarks/results/compile_cpu_2core.json).
     """
 
     decode_batch: tuple[int, ...]
@@ -69,10 +77,17 @@ class Buckets:
         raise ValueError(f"{n} exceeds the largest compiled bucket {table[-1]}")
 
     def decode_shapes(self) -> list[tuple[int, int]]:
-        return [(b, c) for b in self.decode_batch for c in self.decode_context]
+        """(B, C): C is the largest decode context (the program switches among all of them)."""
+        return [(b, self.decode_context[-1]) for b in self.decode_batch]
 
     def step_shapes(self) -> list[tuple[int, int]]:
-        return [(t, c) for t in self.step_tokens for c in self.context]
+        """(T, C): C is the largest step context (the program switches among all of them)."""
+        return [(t, self.context[-1]) for t in self.step_tokens]
+
+    @staticmethod
+    def pages(table: tuple[int, ...], page_size: int) -> tuple[int, ...]:
+        """A context table in pages (the branches of ``RaggedLayout.context_pages``)."""
+        return tuple(c // page_size for c in table)
 
 
 def kv_budget_bytes(bytes_limit: float, bytes_in_use: float, kv_memory_fraction: float,

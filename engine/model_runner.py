@@ -132,7 +132,8 @@ def _sample_rows(state: SlotState, lg, rows, next_pos, *, select: str, compactio
 
 
 def _decode(cfg: ModelConfig, model: Llama, K: int, page_size: int, ctx_pages: int, params, k, v,
-            state: SlotState, rows, n_steps, *, select: str, compaction_impl: str):
+            state: SlotState, rows, n_steps, *, select: str, compaction_impl: str,
+            context_pages: tuple[int, ...] = ()):
     """Up to ``n_steps`` (<= K) decode iterations of the slots ``rows`` (i32[B], -1 = padding),
     attending over the first ``ctx_pages`` pages of each row's block table (the context bucket)."""
     B = rows.shape[0]
@@ -158,7 +159,7 @@ def _decode(cfg: ModelConfig, model: Llama, K: int, page_size: int, ctx_pages: i
         ok = live & (pos < C)
         slot_map = jnp.where(ok, tables[jnp.arange(B), jnp.minimum(pos // page_size, P - 1)] * page_size
                              + pos % page_size, -1)
-        meta = AttnMeta(slot_map, RaggedLayout.decode(tables, jnp.where(ok, pos + 1, 0)))
+        meta = AttnMeta(slot_map, RaggedLayout.decode(tables, jnp.where(ok, pos + 1, 0), context_pages))
         h, k, v = model.apply({"params": params}, tok_in, jnp.where(ok, pos, 0), k, v, meta)
         lg = logits(cfg, params, h)
         st, (tok, lp, top_ids, top_lp), done = _sample_into(st, lg, rows, safe, ok, pos + 1, select=select,
@@ -216,8 +217,8 @@ class ModelRunner:
             "step": Program("step", jax.jit(functools.partial(_step, model_cfg, model), **stp_kw)),
             "sample": Program("sample", jax.jit(functools.partial(_sample_rows, **samp), **smp_kw)),
             "decode": Program("decode", lambda key: jax.jit(functools.partial(
-                _decode, model_cfg, model, self.K, self.page_size, key[1] // self.page_size, **samp),
-                **dec_kw), per_key=True),
+                _decode, model_cfg, model, self.K, self.page_size, key[1] // self.page_size, **samp,
+                context_pages=Buckets.pages(self.buckets.decode_context, self.page_size)), **dec_kw), per_key=True),
             "apply_rows": Program("apply_rows", jax.jit(apply_rows, **upd_kw)),
             "set_penalties": Program("set_penalties", jax.jit(set_penalties, **pen_kw)),
         }
@@ -246,9 +247,10 @@ class ModelRunner:
 
     def step_shape(self, rows: list[StepRow]) -> StepShape:
         """The smallest bucket that holds the rows' tokens and chunks (engine/step_inputs.py)."""
-        C = Buckets.pick(self.buckets.context, max(r.start + r.num_tokens for r in rows))
+        C = self.buckets.context[-1]
+        pages = Buckets.pages(self.buckets.context, self.page_size)
         for T in self.buckets.step_tokens:
-            shape = StepShape(T, C, self.ecfg.max_batch)
+            shape = StepShape(T, C, self.ecfg.max_batch, pages)
             if fits(shape, rows):
                 return shape
         raise ValueError(f"{len(rows)} rows / {sum(r.num_tokens for r in rows)} tokens fit no step bucket "
@@ -271,7 +273,9 @@ class ModelRunner:
         """Up to ``n_steps`` tokens for each slot (at most max_batch); ``max_position`` is the
         largest position of a row's next input token."""
         B = Buckets.pick(self.buckets.decode_batch, len(slots))
-        C = Buckets.pick(self.buckets.decode_context, max_position + n_steps)
+        C = self.buckets.decode_context[-1]
+        if max_position + n_steps > C:
+            raise ValueError(f"position {max_position + n_steps} exceeds the largest decode context {C}")
         rows = np.full(B, -1, np.int32)
         rows[:len(slots)] = slots
         with self.guard.watch(f"decode B={B} C={C}"):
@@ -294,7 +298,8 @@ class ModelRunner:
     def example_args(self, name: str, key):
         """Arguments of the right shapes for ``name`` at ``key`` (no effect on the engine's state)."""
         if name == "step":
-            x, _ = pack(StepShape(key[0], key[1], self.ecfg.max_batch), [], self.page_size)
+            x, _ = pack(StepShape(key[0], key[1], self.ecfg.max_batch,
+                                  Buckets.pages(self.buckets.context, self.page_size)), [], self.page_size)
             return (self.params, self.kv.k, self.kv.v, self.state, self._put(x))
         if name == "sample":
             return (self.state, *self._put((np.zeros((key, self.cfg.vocab_size), np.float32),

@@ -6,7 +6,8 @@ token array of a bucket size T, decode rows first, then each chunk's tokens
 contiguously; the attention layout (kernels/ragged_attention.py) makes decode rows
 one-token rows and cuts each chunk into query blocks of ``StepShape.q_block``.
 
-Static sizes per ``(T, C)`` program (``StepShape``):
+Static sizes per ``(T, C)`` program (``StepShape``; C is the largest context, and attention
+switches among ``context_pages`` on device):
   rows Bs = min(T, max_batch)      one-token rows and sampled rows (a step has at most
                                    max_batch rows: the scheduler's max_batch)
   chunks max_chunk_rows(T) = T/16  multi-token rows (engine/config.py; the scheduler's
@@ -34,6 +35,7 @@ class StepShape:
     tokens: int        # T
     context: int       # C (tokens covered by a row's block table)
     max_batch: int
+    context_pages: tuple[int, ...] = ()   # attention's context buckets in pages (<= C / S); () = C only
 
     @property
     def rows(self) -> int:
@@ -128,5 +130,5 @@ def pack(shape: StepShape, rows: list[StepRow], page_size: int) -> tuple[StepInp
             sampled.append(r)
         t += n
     layout = RaggedLayout(single_token, single_tables, single_lens, block_start, block_len, block_tables,
-                          q_block=Qb)
+                          q_block=Qb, context_pages=shape.context_pages)
     return StepInputs(tokens, from_slot, positions, AttnMeta(slots, layout), sample_token, sample_slot), sampled

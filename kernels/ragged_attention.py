@@ -46,7 +46,7 @@ from ferry.kernels.prefill_attention import prefill_attention
 @functools.partial(jax.tree_util.register_dataclass,
                    data_fields=["single_token", "single_tables", "single_lens",
                                 "block_start", "block_len", "block_tables"],
-                   meta_fields=["q_block"])
+                   meta_fields=["q_block", "context_pages"])
 @dataclasses.dataclass(frozen=True)
 class RaggedLayout:
     single_token: jax.Array    # i32[Bs]     token index of each one-token row, -1 = padding
@@ -56,14 +56,32 @@ class RaggedLayout:
     block_len: jax.Array       # i32[NB]     tokens in the block (<= q_block)
     block_tables: jax.Array    # i32[NB, P]
     q_block: int = 16          # static: query tokens per block
+    context_pages: tuple[int, ...] = ()   # static: page-count buckets (ascending, the last <= P); () = all P
 
     @staticmethod
-    def decode(block_tables, seq_lens) -> "RaggedLayout":
+    def decode(block_tables, seq_lens, context_pages: tuple[int, ...] = ()) -> "RaggedLayout":
         """Every token is its own row (the decode program): token i is row i."""
         B, P = block_tables.shape
         empty = jnp.zeros((0,), jnp.int32)
         return RaggedLayout(jnp.arange(B, dtype=jnp.int32), block_tables, seq_lens,
-                            empty, empty, jnp.zeros((0, P), jnp.int32), q_block=1)
+                            empty, empty, jnp.zeros((0, P), jnp.int32), q_block=1, context_pages=context_pages)
+
+
+def by_context(attend_over, tables, keys_needed, context_pages: tuple[int, ...], page_size: int):
+    """``attend_over(tables[:, :P])`` for the smallest bucket P of ``context_pages`` whose pages hold
+    ``keys_needed`` (i32[], the most keys any row attends to), chosen on device under ``lax.switch``.
+
+    One program then serves every context length (the context is no longer a compiled-shape axis)
+    while attention still reads only the pages of the bucket it needs: each branch is the same
+    attention over a narrower table, so its cost is that of the bucket's own program."""
+    if not context_pages:
+        return attend_over(tables)
+    if len(context_pages) == 1:
+        return attend_over(tables[:, :context_pages[0]])
+    bounds = jnp.asarray([p * page_size for p in context_pages[:-1]], jnp.int32)
+    idx = jnp.sum((bounds < keys_needed).astype(jnp.int32))
+    return jax.lax.switch(idx, [functools.partial(lambda t, P: attend_over(t[:, :P]), P=P) for P in context_pages],
+                          tables)
 
 
 def ragged_paged_attention(q, k_cache, v_cache, layer, positions, layout: RaggedLayout, *, scale: float,
@@ -77,8 +95,9 @@ def ragged_paged_attention(q, k_cache, v_cache, layer, positions, layout: Ragged
     if lo.single_token.shape[0]:
         idx = lo.single_token
         qs = q[jnp.clip(idx, 0, T - 1)]                                            # [Bs, Hq, Dh]
-        os_ = paged_attention(qs, k_cache, v_cache, layer, lo.single_tables, lo.single_lens, scale=scale,
-                              soft_cap=soft_cap, window=window, impl=single_impl or impl)
+        os_ = by_context(lambda tables: paged_attention(qs, k_cache, v_cache, layer, tables, lo.single_lens, scale=scale,
+                                                        soft_cap=soft_cap, window=window, impl=single_impl or impl),
+                         lo.single_tables, jnp.max(lo.single_lens), lo.context_pages, k_cache.shape[3])
         if lo.block_start.shape[0] == 0 and idx.shape[0] == T:
             o = jnp.where((idx >= 0)[:, None, None], os_, 0).astype(q.dtype)      # the decode program
         else:
@@ -92,8 +111,8 @@ def ragged_paged_attention(q, k_cache, v_cache, layer, positions, layout: Ragged
         pb = jnp.where(valid, positions[safe], -1)                                  # [NB, Qb]
         attend = functools.partial(prefill_attention, k_cache=k_cache, v_cache=v_cache, layer=layer,
                                    scale=scale, soft_cap=soft_cap, window=window, impl=impl)
-        ob = jax.vmap(lambda qq, table, pos: attend(qq, block_table=table, positions=pos))(
-            qb, lo.block_tables, pb)                                                # [NB, Qb, Hq, Dh]
+        ob = by_context(lambda tables: jax.vmap(lambda qq, table, pos: attend(qq, block_table=table, positions=pos))(
+            qb, tables, pb), lo.block_tables, jnp.max(pb) + 1, lo.context_pages, k_cache.shape[3])  # [NB, Qb, Hq, Dh]
         o = o.at[jnp.where(valid, tok, T)].set(ob, mode="drop")
     return o
 

@@ -1,11 +1,14 @@
 """Ragged paged attention (kernels/ragged_attention.py) against a per-token oracle, on fresh random
 inputs: decode rows and prefill chunks of several requests in one token array, with soft-cap and
 sliding window, pages shuffled and stale data in unused slots."""
+import dataclasses
+
+import jax
 import numpy as np
 import jax.numpy as jnp
 import pytest
 
-from ferry.kernels.ragged_attention import RaggedLayout, ragged_attention_naive, ragged_paged_attention
+from ferry.kernels.ragged_attention import RaggedLayout, by_context, ragged_attention_naive, ragged_paged_attention
 
 S, P, L, Hkv, G, Dh = 4, 12, 2, 2, 3, 8
 
@@ -62,6 +65,45 @@ def test_ragged_matches_per_token_oracle(soft_cap, window):
     case = _pack(rng, rows)
     for layer in range(L):
         _compare(case, layer, "reference", soft_cap, window, 1e-5)
+
+
+BUCKETS = (2, 5, 12)    # context buckets in pages: 8, 20 and 48 tokens
+
+
+def test_by_context_picks_the_smallest_bucket_that_holds_the_keys():
+    tables = jnp.zeros((3, P), jnp.int32)
+    width = jax.jit(lambda need: by_context(lambda t: jnp.asarray(t.shape[1]), tables, need, BUCKETS, S))
+    assert [int(width(n)) for n in (0, 1, 8, 9, 20, 21, 48)] == [2, 2, 2, 5, 5, 12, 12]
+    assert by_context(lambda t: t.shape[1], tables, 3, (), S) == P        # no buckets: the whole table
+
+
+@pytest.mark.parametrize("longest", [6, 18, 40])
+def test_context_buckets_inside_one_program_match_the_oracle(longest):
+    """One jitted program with the buckets as switch branches, rows whose longest context falls in
+    each bucket in turn (decode rows and chunks, with a window): the same output as the oracle."""
+    rng = np.random.default_rng()
+    rows = [(int(rng.integers(0, longest)), 1), (longest - 1, 1), (int(rng.integers(0, longest - 4)), 3),
+            (max(0, longest - 5), 5)]
+    q, kc, vc, pos, table, lay = _pack(rng, rows)
+    lay = dataclasses.replace(lay, context_pages=BUCKETS)
+    for window in (None, 5):
+        run = jax.jit(lambda q, kc, vc, pos, lay: ragged_paged_attention(q, kc, vc, 1, pos, lay, scale=0.3,
+                                                                          window=window, impl="reference"))
+        got = run(jnp.asarray(q), jnp.asarray(kc), jnp.asarray(vc), jnp.asarray(pos), lay)
+        want = ragged_attention_naive(jnp.asarray(q), jnp.asarray(kc), jnp.asarray(vc), 1, jnp.asarray(pos),
+                                      jnp.asarray(table), scale=0.3, window=window)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_context_bucket_too_small_is_noticed():
+    """Positive control: a bucket table whose only branch is narrower than the rows' context drops keys."""
+    rng = np.random.default_rng()
+    q, kc, vc, pos, table, lay = _pack(rng, [(30, 1), (20, 6)])
+    narrow = dataclasses.replace(lay, context_pages=(2,))
+    args = (jnp.asarray(q), jnp.asarray(kc), jnp.asarray(vc), 0, jnp.asarray(pos))
+    got = ragged_paged_attention(*args, narrow, scale=0.3, impl="reference")
+    want = ragged_attention_naive(*args, jnp.asarray(table), scale=0.3)
+    assert not np.allclose(np.asarray(got), np.asarray(want), atol=1e-3)
 
 
 def test_oracle_positive_control():
