@@ -218,7 +218,7 @@ class ModelRunner:
             "sample": Program("sample", jax.jit(functools.partial(_sample_rows, **samp), **smp_kw)),
             "decode": Program("decode", lambda key: jax.jit(functools.partial(
                 _decode, model_cfg, model, self.K, self.page_size, key[1] // self.page_size, **samp,
-                context_pages=Buckets.pages(self.buckets.decode_context, self.page_size)), **dec_kw), per_key=True),
+                context_pages=self._branches(self.buckets.decode_context, key[1])), **dec_kw), per_key=True),
             "apply_rows": Program("apply_rows", jax.jit(apply_rows, **upd_kw)),
             "set_penalties": Program("set_penalties", jax.jit(set_penalties, **pen_kw)),
         }
@@ -245,12 +245,27 @@ class ModelRunner:
                 self.state = self.programs["set_penalties"](1, self.state, *self._put(
                     (np.int32(slot), counts, seen)))
 
+    def _branches(self, table: tuple[int, ...], C: int) -> tuple[int, ...]:
+        """The context buckets (in pages) a program of largest context C switches among."""
+        return Buckets.pages(tuple(c for c in table if c <= C), self.page_size)
+
+    def _context(self, name: str, lead: int, table: tuple[int, ...], need: int) -> int:
+        """The context key of program ``name`` (``(lead, C)``) for rows that need ``need`` tokens of
+        context: the smallest already-built program that holds them (``ferry serve`` builds only the
+        largest, which switches among every bucket), else the smallest bucket that holds them,
+        built on first use (``ferry generate``: a short answer builds one-bucket programs)."""
+        fit = [c for c in table if c >= need]
+        if not fit:
+            raise ValueError(f"{need} tokens of context exceed the largest compiled bucket {table[-1]}")
+        built = self.programs[name].executables
+        return next((c for c in fit if (lead, c) in built), fit[0])
+
     def step_shape(self, rows: list[StepRow]) -> StepShape:
         """The smallest bucket that holds the rows' tokens and chunks (engine/step_inputs.py)."""
-        C = self.buckets.context[-1]
-        pages = Buckets.pages(self.buckets.context, self.page_size)
+        need = max(r.start + r.num_tokens for r in rows)
         for T in self.buckets.step_tokens:
-            shape = StepShape(T, C, self.ecfg.max_batch, pages)
+            C = self._context("step", T, self.buckets.context, need)
+            shape = StepShape(T, C, self.ecfg.max_batch, self._branches(self.buckets.context, C))
             if fits(shape, rows):
                 return shape
         raise ValueError(f"{len(rows)} rows / {sum(r.num_tokens for r in rows)} tokens fit no step bucket "
@@ -273,9 +288,7 @@ class ModelRunner:
         """Up to ``n_steps`` tokens for each slot (at most max_batch); ``max_position`` is the
         largest position of a row's next input token."""
         B = Buckets.pick(self.buckets.decode_batch, len(slots))
-        C = self.buckets.decode_context[-1]
-        if max_position + n_steps > C:
-            raise ValueError(f"position {max_position + n_steps} exceeds the largest decode context {C}")
+        C = self._context("decode", B, self.buckets.decode_context, max_position + n_steps)
         rows = np.full(B, -1, np.int32)
         rows[:len(slots)] = slots
         with self.guard.watch(f"decode B={B} C={C}"):
@@ -298,8 +311,8 @@ class ModelRunner:
     def example_args(self, name: str, key):
         """Arguments of the right shapes for ``name`` at ``key`` (no effect on the engine's state)."""
         if name == "step":
-            x, _ = pack(StepShape(key[0], key[1], self.ecfg.max_batch,
-                                  Buckets.pages(self.buckets.context, self.page_size)), [], self.page_size)
+            x, _ = pack(StepShape(key[0], key[1], self.ecfg.max_batch, self._branches(self.buckets.context, key[1])),
+                        [], self.page_size)
             return (self.params, self.kv.k, self.kv.v, self.state, self._put(x))
         if name == "sample":
             return (self.state, *self._put((np.zeros((key, self.cfg.vocab_size), np.float32),

@@ -18,6 +18,9 @@ decode step alone (every layer's projections and the LM head, random f32 weights
 model's shapes, ``[out, in]`` as Ferry stores them) in one jitted XLA program and in torch, in
 the same run: ``B / that time`` bounds any engine's decode rate on this machine from above.
 Writes JSON to --output (after every batch size, so a timeout keeps the finished rows).
+``--baseline-rev REV --rounds N``: Ferry alone (no HF), this tree and git revision REV in
+turn, N rounds, each a fresh process; prints the per-batch ratio of this tree's decode rate over
+REV's (medians over rounds) and writes them under ``baseline``.
 """
 from __future__ import annotations
 
@@ -185,7 +188,11 @@ def main() -> int:
     ap.add_argument("--dtype", default="auto", help="Ferry's dtype (auto: float32 on CPU, bfloat16 on GPU)")
     ap.add_argument("--gemm-floor", action="store_true", help="also time one decode step's matmuls alone "
                     "(XLA and torch, f32)")
+    ap.add_argument("--baseline-rev", default=None, help="Ferry at this git revision and this tree, alternating")
+    ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
+    if args.baseline_rev:
+        return side_by_side(args)
     batches = [int(b) for b in (args.batches or ("1,16,64" if args.shape else "1,4,16,64")).split(",")]
 
     from ferry import LLM
@@ -241,6 +248,42 @@ def main() -> int:
     if args.output:
         _write(args.output, result)
         print(f"wrote {args.output}")
+    return 0
+
+
+def side_by_side(args) -> int:
+    """This tree against ``args.baseline_rev``, alternating fresh processes (scripts/baseline.py)."""
+    import statistics
+    import subprocess
+    import tempfile
+    from baseline import alternate
+    runs: dict = {"baseline": [], "now": []}
+    flags = ["--no-hf", "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)]
+    flags += ["--batches", args.batches] if args.batches else []
+    flags += ["--shape", args.shape] if args.shape else []
+    for label, path in alternate(args.baseline_rev, args.rounds):
+        out = tempfile.mktemp(suffix=".json")
+        print(f"[bench] {label} ({path}) ...", flush=True)
+        subprocess.run([sys.executable, os.path.join(path, "scripts", "bench_decode.py"), *flags, "--output", out],
+                       check=True, env=dict(os.environ, PYTHONPATH=path), stdout=subprocess.DEVNULL)
+        with open(out) as f:
+            runs[label].append({r["batch"]: r["ferry"]["decode_tok_s"] for r in json.load(f)["rows"]})
+        os.remove(out)
+    batches = sorted(runs["now"][0])
+    med = {k: {b: statistics.median(r[b] for r in v) for b in batches} for k, v in runs.items()}
+    rows = [{"batch": b, "baseline_decode_tok_s": med["baseline"][b], "now_decode_tok_s": med["now"][b],
+             "now_over_baseline": med["now"][b] / med["baseline"][b]} for b in batches]
+    print(f"\n{'batch':>5} {'baseline tok/s':>15} {'now tok/s':>10} {'now/baseline':>13}")
+    for r in rows:
+        print(f"{r['batch']:>5} {r['baseline_decode_tok_s']:15.1f} {r['now_decode_tok_s']:10.1f} "
+              f"{r['now_over_baseline']:13.3f}")
+    if args.output:
+        import jax
+        _write(args.output, {"command": "python scripts/bench_decode.py " + " ".join(sys.argv[1:]),
+                             "machine": platform.node(), "platform": jax.default_backend(),
+                             "cpu_count": os.cpu_count(), "model": f"random:{args.shape}" if args.shape else
+                             "SmolLM2-135M-Instruct", "new_tokens": args.new_tokens,
+                             "baseline": {"rev": args.baseline_rev, "rounds": args.rounds, "runs": runs, "rows": rows}})
     return 0
 
 

@@ -158,3 +158,26 @@ def test_dispatch_ahead_reads_one_step_behind_in_order(cache_dir, single_step):
                 assert list(o.token_ids) == seen[o.request_id]
         assert (behind > 0) == ahead
         assert {k: tuple(v) for k, v in seen.items()} == {k: v.token_ids for k, v in ref.items()}
+
+
+def test_serve_programs_switch_context_on_device_like_one_bucket_programs(tmp_path):
+    """Context is not a compiled axis: a fully warmed engine (``ferry serve``) builds decode[B, C_max]
+    and step[T, C_max] only, which pick the context bucket on device; a lazy engine (``ferry generate``)
+    builds the smallest bucket that holds its rows. The lazy engine here attends over its program's
+    whole bucket (no switch: the engine before this change). Rows crossing the decode buckets 64 and
+    256 and reaching the step bucket 1024 get the same greedy tokens from both."""
+    reqs = [(f"r{n}", [3 + (7 * i) % 200 for i in range(n)], SamplingParams(temperature=0, max_tokens=m,
+                                                                            ignore_eos=True))
+            for n, m in ((5, 70), (100, 200), (300, 30))]
+    kw = dict(max_model_len=1024, num_pages=128)
+    full = LLMEngine(_cfg(tmp_path, **kw))
+    assert full.config.buckets().decode_context == (64, 256, 1024)
+    got = {rid: o for r in reqs for rid, o in _run(full, [r]).items()}          # one at a time: batch 1
+    assert set(full.runner.programs["decode"].executables) == {(1, 1024), (4, 1024)}
+    assert {key[1] for key in full.runner.programs["step"].executables} == {1024}
+    lazy = LLMEngine(_cfg(tmp_path, warmup="lazy", strict_compile_guard=False, **kw))
+    lazy.runner._branches = lambda table, C: (C // lazy.runner.page_size,)     # one branch: the whole bucket
+    ref = {rid: o for r in reqs for rid, o in _run(lazy, [r]).items()}
+    assert {(1, 64), (1, 256), (1, 1024)} <= set(lazy.runner.programs["decode"].executables)
+    for rid, _, p in reqs:
+        assert len(got[rid].token_ids) == p.max_tokens and got[rid].token_ids == ref[rid].token_ids, rid
