@@ -22,6 +22,12 @@ Programs (engine/programs.py; every shape is in ``EngineConfig.buckets()``):
   (``kernels.compaction.nonzero``): the host reads a count and a few indices.
 * ``apply_rows[n]`` / ``set_penalties``: the host's slot updates (engine/slots.py).
 
+C is the largest context a program serves; its attention switches on device among the
+context buckets up to C (engine/config.py ``Buckets``; ``kernels/ragged_attention.by_context``).
+A fully warmed engine (``ferry serve``) builds only C = the largest bucket, one program per B
+or T; a lazy one (``ferry generate``) builds the smallest C that holds its rows
+(``ModelRunner._context``), so a short answer compiles one-bucket programs.
+
 KV caches and the slot state are donated to every program that changes them, so
 XLA updates them in place. Outputs are copied to the host asynchronously as soon
 as a program is dispatched (``copy_to_host_async``); the host reads them when it
