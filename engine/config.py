@@ -53,10 +53,11 @@ class Buckets:
     Context is not a compiled axis: one program per B (decode) or T (step) holds the attention
     of every context bucket as branches of a ``lax.switch`` (kernels/ragged_attention.by_context)
     and picks the smallest bucket that holds its rows on device, each iteration. Each branch
-    costs what that bucket's own program did. Measured on the 2-core CPU (SmolLM2, B=16, rows at
-    40-250 tokens, one program against the other alternately): the switching program ran at 1.05x
-    the time of the C=256 program and compiled in 1.47x the time, in place of 4 programs
-    (``ferry serve`` built 26 programs before, 11 now; benchmarks/results/compile_cpu_2core.json).
+    costs what that bucket's own program did. Measured on the 2-core CPU, default model, side by
+    side with the engine that compiled one program per (B, C): decode 1.02-1.04x faster at batch
+    1/16/64 (benchmarks/results/decode_cpu_2core_f32_context_switch.json); a switching program
+    compiles in 11-15 s against 8-10 s, but ``ferry serve`` builds 11 programs instead of 26 and
+    became ready 2.07x sooner (startup_cpu_2core.json, compile_cpu_2core.json).
     """
 
     decode_batch: tuple[int, ...]

@@ -10,10 +10,9 @@ Programs (engine/programs.py; every shape is in ``EngineConfig.buckets()``):
 * ``sample[R]``: dispatched right after ``step`` (no host sync in between): sampling on
   device for those R rows; the token goes into the row's slot (``SlotState.tokens``), so
   the next step reads it on device. It is its own program, keyed by rows only, so the
-  (T, C) buckets of the step do not each compile the sampler again (default model, 2-core
-  CPU: the sampler alone compiles in 2.7 s wall, a step forward in 8.2-10.2 s;
-  benchmarks/results/compile_cpu_2core.json; ``ferry serve`` cold 1.08x faster side by
-  side, startup_cpu_2core.json).
+  step programs do not each compile the sampler again (default model, 2-core CPU: the
+  sampler alone compiles in 2.7 s wall, a step program in 12-15 s;
+  benchmarks/results/compile_cpu_2core.json).
 * ``decode[B, C]``: up to ``decode_steps`` decode iterations of B slots in one
   ``lax.while_loop`` (forward, K/V write, sampling, penalty statistics), each
   iteration feeding the sampled tokens to the next on device. A row stops at a
