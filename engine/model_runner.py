@@ -139,8 +139,9 @@ def _sample_rows(state: SlotState, lg, rows, next_pos, *, select: str, compactio
 def _decode(cfg: ModelConfig, model: Llama, K: int, page_size: int, ctx_pages: int, params, k, v,
             state: SlotState, rows, n_steps, *, select: str, compaction_impl: str,
             context_pages: tuple[int, ...] = ()):
-    """Up to ``n_steps`` (<= K) decode iterations of the slots ``rows`` (i32[B], -1 = padding),
-    attending over the first ``ctx_pages`` pages of each row's block table (the context bucket)."""
+    """Up to ``n_steps`` (<= K) decode iterations of the slots ``rows`` (i32[B], -1 = padding) over
+    the first ``ctx_pages`` pages of each row's block table; each iteration's attention reads only
+    the smallest of ``context_pages`` (page-count buckets, the last ``ctx_pages``) that holds its rows."""
     B = rows.shape[0]
     safe = jnp.where(rows < 0, 0, rows)
     P = ctx_pages
