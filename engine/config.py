@@ -258,11 +258,14 @@ class EngineConfig:
         from ferry.scheduler.cost_model import CostModel
         from ferry.scheduler.scheduler import SchedulerConfig
         b = self.buckets()
+        cost = CostModel.load(self.cost_model) if self.cost_model else CostModel()
+        # charged as this engine computes: steps padded to its token buckets, decodes to its batch buckets
+        cost = dataclasses.replace(cost, token_buckets=b.step_tokens, row_buckets=b.decode_batch)
         return SchedulerConfig(
             max_batch=self.max_batch, max_tokens_per_step=b.step_tokens[-1],
             max_prefill_chunk=min(self.max_prefill_chunk, b.step_tokens[-1]), max_prefill_rows=max_chunk_rows(b.step_tokens[-1]),
             page_size=self.page_size,
             num_device_pages=num_device_pages, num_host_pages=num_host_pages, policy=self.scheduler,
             base_quantum=self.mlfq_base_quantum, starve_limit=self.mlfq_starve_limit,
-            cost_model=CostModel.load(self.cost_model) if self.cost_model else None,
+            cost_model=cost,
             decode_steps=self.decode_steps, window=window)

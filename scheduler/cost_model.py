@@ -3,6 +3,16 @@
     t = base + per_prefill_token * prefill_tokens + per_decode_row * decode_rows
              + per_context_token * context_tokens + per_swap_page * swapped_pages
 
+With the engine's bucket tables (``token_buckets``: its step sizes; ``row_buckets``: its decode
+batch sizes), work is charged padded up as the engine computes it: a ragged step's tokens (chunk
+tokens plus decode rows) up to the step bucket, the padding charged as prefill tokens; a decode
+dispatch's rows up to the batch bucket. Measured on the 2-core CPU (default model,
+benchmarks/results/cost_model_cpu_2core.json, which lists every sample beside both fits): a 64-token
+chunk beside 4 decode rows took 845 ms, more than a 256-token chunk alone (765 ms) and 3.9x a
+64-token chunk alone (214 ms), because 68 tokens run in the 256-token program; 8 decode rows cost
+about what 16 do. The padded fit puts that step at 818 ms, an unpadded fit of the same samples at
+337 ms (2.5x off), and batch-16 decode at 121-162 ms against 258-272 ms (measured 107-150).
+
 One step is one dispatch of the engine: a ragged step (prefill chunks of several requests and
 the decode rows in one program) or a decode dispatch, so ``base`` is paid once per step, as in
 the engine since the ragged step (before it, each prefill chunk was its own program and paid its
@@ -11,7 +21,8 @@ charged K iterations (``Scheduler.schedule``).
 
 Fitted by least squares from a profiling run of the real engine
 (``scripts/profile_cost_model.py``; saved as JSON beside the model) or the
-CPU default below (SmolLM2-135M, f32, 2 cores). The simulator's "gpu" profile
+CPU default below (SmolLM2-135M, f32, 2 cores: benchmarks/results/cost_model_cpu_2core.json,
+padded to that engine's buckets; the engine always pads by its own, ``EngineConfig.scheduler_config``). The simulator's "gpu" profile
 (``GPU`` in scripts/gen_trace.py) is assumed, not measured. The MLFQ uses it to predict a
 new job's prefill time (skip-join) and to charge service time, the simulator
 to advance its clock.
@@ -24,16 +35,26 @@ import json
 
 @dataclasses.dataclass(frozen=True)
 class CostModel:
-    base: float = 0.030                 # s per step (weights read once, dispatch)
-    per_prefill_token: float = 0.0022   # s per prefill token
-    per_decode_row: float = 0.0035      # s per decode row
-    per_context_token: float = 2e-6     # s per cached token attended
+    base: float = 0.045                 # s per step (weights read once, dispatch)
+    per_prefill_token: float = 0.0030   # s per prefill token
+    per_decode_row: float = 0.0044      # s per decode row
+    per_context_token: float = 5.7e-6   # s per cached token attended
     per_swap_page: float = 1e-4         # s per page copied device<->host
+    token_buckets: tuple[int, ...] = ()  # the engine's step sizes (tokens); () = no padding
+    row_buckets: tuple[int, ...] = ()    # the engine's decode batch sizes (rows); () = no padding
+
+    def padded(self, prefill_tokens: int, decode_rows: int) -> tuple[int, int]:
+        """(prefill tokens, decode rows) as the engine computes them: a step padded to its token
+        bucket (the padding counted as prefill tokens), a decode dispatch to its batch bucket."""
+        if prefill_tokens:
+            return _pad(prefill_tokens + decode_rows, self.token_buckets) - decode_rows, decode_rows
+        return 0, _pad(decode_rows, self.row_buckets)
 
     def iteration_time(self, prefill_tokens: int = 0, decode_rows: int = 0, context_tokens: int = 0,
                        swapped_pages: int = 0) -> float:
         if not (prefill_tokens or decode_rows or swapped_pages):
             return 0.0
+        prefill_tokens, decode_rows = self.padded(prefill_tokens, decode_rows)
         return (self.base + self.per_prefill_token * prefill_tokens + self.per_decode_row * decode_rows
                 + self.per_context_token * context_tokens + self.per_swap_page * swapped_pages)
 
@@ -47,7 +68,8 @@ class CostModel:
     @classmethod
     def from_json(cls, text: str) -> "CostModel":
         d = json.loads(text)
-        return cls(**{k: float(v) for k, v in d.items() if k in cls.__dataclass_fields__})
+        return cls(**{k: tuple(int(x) for x in v) if isinstance(v, list) else float(v)
+                      for k, v in d.items() if k in cls.__dataclass_fields__})
 
     @classmethod
     def load(cls, path: str) -> "CostModel":
@@ -55,12 +77,21 @@ class CostModel:
             return cls.from_json(f.read())
 
     @classmethod
-    def fit(cls, samples: list[dict]) -> "CostModel":
-        """Least squares over samples {prefill_tokens, decode_rows, context_tokens, seconds}."""
+    def fit(cls, samples: list[dict], token_buckets: tuple[int, ...] = (),
+            row_buckets: tuple[int, ...] = ()) -> "CostModel":
+        """Least squares over samples {prefill_tokens, decode_rows, context_tokens, seconds}, the
+        work padded by the given bucket tables (kept in the model)."""
         import numpy as np
-        X = np.array([[1.0, s["prefill_tokens"], s["decode_rows"], s["context_tokens"]] for s in samples])
+        pad = cls(token_buckets=tuple(token_buckets), row_buckets=tuple(row_buckets)).padded
+        X = np.array([[1.0, *pad(s["prefill_tokens"], s["decode_rows"]), s["context_tokens"]] for s in samples])
         y = np.array([s["seconds"] for s in samples])
         coef, *_ = np.linalg.lstsq(X, y, rcond=None)
         coef = np.maximum(coef, 0.0)
         return cls(base=float(coef[0]), per_prefill_token=float(coef[1]), per_decode_row=float(coef[2]),
-                   per_context_token=float(coef[3]))
+                   per_context_token=float(coef[3]), token_buckets=tuple(token_buckets),
+                   row_buckets=tuple(row_buckets))
+
+
+def _pad(n: int, table: tuple[int, ...]) -> int:
+    """The smallest bucket of ``table`` that holds ``n`` (``n`` itself past the largest, or without a table)."""
+    return next((b for b in table if b >= n), n)

@@ -4,8 +4,9 @@ usage: python scripts/profile_cost_model.py [--model M] [--max-batch 16] [--max-
            [--repeats 3] [--output FILE]
 Times ragged steps (a prefill chunk of every compiled length alone, and beside decode rows) and
 single decode iterations at several batch sizes and contexts on the real engine (after its warm-up, so nothing compiles while timing), takes the
-median of ``--repeats`` runs each, fits ``scheduler.cost_model.CostModel`` by least squares and
-writes it. Default output: ``<model file without .gguf>.cost_model.json`` beside the model
+median of ``--repeats`` runs each, fits ``scheduler.cost_model.CostModel`` by least squares (the
+work padded to the engine's step and batch buckets, as the engine computes it) and writes it with
+every sample beside its fitted time. Default output: ``<model file without .gguf>.cost_model.json`` beside the model
 (the current directory for ``random:*`` models or a read-only model directory). Use it with
 ``EngineConfig(cost_model=FILE)`` / ``--cost-model FILE``.
 """
@@ -91,10 +92,22 @@ def main():
         samples.append({**sample, "seconds": statistics.median(times[1:])})
     if eng.guard.violations:
         print(f"warning: {eng.guard.violations} compilations while profiling; timings include them")
-    cm = CostModel.fit(samples)
+    cm = CostModel.fit(samples, buckets.step_tokens, buckets.decode_batch)
+    flat = CostModel.fit(samples)                       # the same samples, work not padded: for comparison
+    print(f"{'prefill':>8} {'rows':>5} {'context':>8} {'measured ms':>12} {'fitted ms':>10} {'unpadded fit':>13}")
+    for s in samples:
+        s["fitted_seconds"] = cm.iteration_time(s["prefill_tokens"], s["decode_rows"], s["context_tokens"])
+        s["unpadded_fit_seconds"] = flat.iteration_time(s["prefill_tokens"], s["decode_rows"], s["context_tokens"])
+        print(f"{s['prefill_tokens']:>8} {s['decode_rows']:>5} {s['context_tokens']:>8} {1e3 * s['seconds']:12.1f} "
+              f"{1e3 * s['fitted_seconds']:10.1f} {1e3 * s['unpadded_fit_seconds']:13.1f}")
     out = a.output or default_output(a.model, eng.model_name)
+    import json
+    import platform
+    doc = {**json.loads(cm.to_json()), "samples": samples, "model": eng.model_name, "machine": platform.node(),
+           "cpu_count": os.cpu_count(), "platform": jax.default_backend(),
+           "command": "python scripts/profile_cost_model.py " + " ".join(sys.argv[1:])}
     with open(out, "w") as f:
-        f.write(cm.to_json())
+        json.dump(doc, f, indent=2)     # CostModel.load reads the coefficients and bucket tables
     print(cm)
     print(f"wrote {out}")
 

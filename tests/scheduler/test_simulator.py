@@ -104,6 +104,32 @@ def test_cost_model_fit_and_json():
     assert fit.iteration_time() == 0.0
 
 
+def test_cost_model_pads_work_to_the_engine_buckets_and_fits_through_them():
+    """A step's tokens are charged up to the step bucket (padding as prefill tokens), a decode's rows up
+    to the batch bucket; a fit through the same tables recovers a bucketed truth that an unpadded
+    fit cannot (positive control)."""
+    truth = CostModel(base=0.02, per_prefill_token=0.001, per_decode_row=0.003, per_context_token=1e-5,
+                      per_swap_page=0.0, token_buckets=(16, 64, 256), row_buckets=(1, 4, 16))
+    assert truth.padded(64, 4) == (252, 4) and truth.padded(10, 0) == (16, 0) and truth.padded(0, 5) == (0, 16)
+    assert truth.padded(300, 0) == (300, 0)                             # past the largest bucket: as is
+    assert truth.iteration_time(62, 4) == truth.iteration_time(200, 4)   # both run in the 256-token step
+    rng = np.random.default_rng()
+    samples = []
+    for _ in range(40):
+        p, r, c = int(rng.choice([0, int(rng.integers(1, 240))])), int(rng.integers(1, 16)), int(rng.integers(0, 4000))
+        samples.append({"prefill_tokens": p, "decode_rows": r, "context_tokens": c,
+                        "seconds": truth.iteration_time(p, r, c)})
+    fit = CostModel.fit(samples, truth.token_buckets, truth.row_buckets)
+    assert all(
+        getattr(fit, k) == pytest.approx(getattr(truth, k), rel=1e-6, abs=1e-12)
+        for k in ("base", "per_prefill_token", "per_decode_row", "per_context_token"))
+    assert CostModel.from_json(fit.to_json()) == fit
+    flat = CostModel.fit(samples)
+    worst = max(abs(flat.iteration_time(s["prefill_tokens"], s["decode_rows"], s["context_tokens"]) - s["seconds"])
+                / s["seconds"] for s in samples)
+    assert worst > 0.05
+
+
 def test_gen_trace_and_bench_serving_scripts(tmp_path):
     trace, out, png = tmp_path / "t.jsonl", tmp_path / "r.json", tmp_path / "cdf.png"
     subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gen_trace.py"), str(trace), "--jobs", "120",
