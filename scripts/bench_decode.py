@@ -261,14 +261,14 @@ def side_by_side(args) -> int:
     flags = ["--no-hf", "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)]
     flags += ["--batches", args.batches] if args.batches else []
     flags += ["--shape", args.shape] if args.shape else []
-    for label, path in alternate(args.baseline_rev, args.rounds):
-        out = tempfile.mktemp(suffix=".json")
-        print(f"[bench] {label} ({path}) ...", flush=True)
-        subprocess.run([sys.executable, os.path.join(path, "scripts", "bench_decode.py"), *flags, "--output", out],
-                       check=True, env=dict(os.environ, PYTHONPATH=path), stdout=subprocess.DEVNULL)
-        with open(out) as f:
-            runs[label].append({r["batch"]: r["ferry"]["decode_tok_s"] for r in json.load(f)["rows"]})
-        os.remove(out)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "run.json")
+        for label, path in alternate(args.baseline_rev, args.rounds):
+            print(f"[bench] {label} ({path}) ...", flush=True)
+            subprocess.run([sys.executable, os.path.join(path, "scripts", "bench_decode.py"), *flags, "--output", out],
+                           check=True, env=dict(os.environ, PYTHONPATH=path), stdout=subprocess.DEVNULL)
+            with open(out) as f:
+                runs[label].append({r["batch"]: r["ferry"]["decode_tok_s"] for r in json.load(f)["rows"]})
     batches = sorted(runs["now"][0])
     med = {k: {b: statistics.median(r[b] for r in v) for b in batches} for k, v in runs.items()}
     rows = [{"batch": b, "baseline_decode_tok_s": med["baseline"][b], "now_decode_tok_s": med["now"][b],

@@ -11,12 +11,16 @@ every sample beside its fitted time. Default output: ``<model file without .gguf
 ``EngineConfig(cost_model=FILE)`` / ``--cost-model FILE``.
 """
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from results_io import machine, write_json  # noqa: E402
 
 
 def default_output(model: str | None, name: str) -> str:
@@ -101,15 +105,11 @@ def main():
         print(f"{s['prefill_tokens']:>8} {s['decode_rows']:>5} {s['context_tokens']:>8} {1e3 * s['seconds']:12.1f} "
               f"{1e3 * s['fitted_seconds']:10.1f} {1e3 * s['unpadded_fit_seconds']:13.1f}")
     out = a.output or default_output(a.model, eng.model_name)
-    import json
-    import platform
-    doc = {**json.loads(cm.to_json()), "samples": samples, "model": eng.model_name, "machine": platform.node(),
-           "cpu_count": os.cpu_count(), "platform": jax.default_backend(),
-           "command": "python scripts/profile_cost_model.py " + " ".join(sys.argv[1:])}
-    with open(out, "w") as f:
-        json.dump(doc, f, indent=2)     # CostModel.load reads the coefficients and bucket tables
     print(cm)
-    print(f"wrote {out}")
+    # CostModel.load reads the coefficients and bucket tables and ignores the rest
+    write_json(out, {**dataclasses.asdict(cm), "samples": samples, "model": eng.model_name, "machine": machine(),
+                     "platform": jax.default_backend(),
+                     "command": "python scripts/profile_cost_model.py " + " ".join(sys.argv[1:])})
 
 
 if __name__ == "__main__":
