@@ -181,9 +181,12 @@ class EngineConfig:
                                           "--swap-space (sets the host pages unless --num-host-pages is given; "
                                           "see host_pages_for_swap_space)", "memory")
     scheduler: str = _opt("mlfq", "scheduling policy", "scheduling", choices=("mlfq", "fcfs"))
-    mlfq_base_quantum: float = _opt(0.25, "seconds of iteration time in the top MLFQ queue", "scheduling")
-    mlfq_starve_limit: float = _opt(30.0, "seconds without running before a job is promoted to the top queue",
-                                    "scheduling")
+    mlfq_base_quantum: float | None = _opt(None, "seconds of iteration time in the top MLFQ queue (default: "
+                                                 "derived from the observed service, scheduler/mlfq.py)",
+                                           "scheduling")
+    mlfq_starve_limit: float | None = _opt(None, "seconds without running before a job is promoted to the top "
+                                                 "queue (default: none; the MLFQ's tail guard bounds waits)",
+                                           "scheduling")
     cost_model: str | None = _opt(None, "cost model JSON from scripts/profile_cost_model.py (default: CPU fit)",
                                   "scheduling")
     attn_impl: str = _opt("auto", "kernels: auto (Pallas where it lowers, references on CPU), reference, pallas",

@@ -5,8 +5,8 @@ FastServe's mechanism, kept:
   (the last queue: unbounded in effect). A job that used its queue's quantum is demoted one queue.
 * Skip-join: a new job's prefill is known from its prompt length; it joins the queue it will be in
   once that prefill is done, so long prompts skip queues they would leave at once.
-* Order: the tail class (below) first, then the highest non-empty queue; inside a queue, fewest
-  prompt tokens left to prefill first (change 5), then FCFS (time of entering the queue). The
+* Order: the tail class (below) first, then the queues (top first; change 6 may reorder them); inside
+  a queue, fewest prompt tokens left to prefill first (change 5), then FCFS (entering the queue). The
   Scheduler fills the batch in this order and preempts running jobs left out, at the token
   boundary; proactive offload/upload is the KV planner's (``kv_planner.py``).
 
@@ -53,12 +53,28 @@ Changed for issue 15 (one default parameter set; cells named mix/memory/arrival/
    chat_a1.2/ample/cv4/0.9 1.17x -> 1.11x; p99 moved both ways (chat_a0.8/limited/cv2/0.8 0.97x ->
    1.18x FCFS's, chat_a1.2/limited/cv4/0.7 1.51x -> 1.61x, bimodal/ample/cv4/0.9 1.25x -> 1.24x).
    Long prompts cannot starve: the tail guard (3) bounds their wait like any job's.
-Known limits (committed sweep, 120 cells at load <= 0.9): average JCT within 15% of the oracle in 86
-(worst 2.60x, bimodal/limited/cv4/0.9; bimodal with limited KV 1.5-1.7x typically, summarisation up
-to 1.84x when bursts push every job into the tail class); p99 no worse than FCFS's in only 19 cells
-(worst 2.57x; long jobs wait behind short ones, as under the oracle, whose p99 also exceeds FCFS's
-in most of these cells); TTFT 5x below FCFS's in 27 of 90 cells at load >= 0.7 (never with ample
-KV: FCFS queues little there); swap traffic within 1.5x FCFS's in 21 of 47 cells.
+6. Queue order from the Gittins index of the observed service (``scheduler/gittins.py``), not always
+   top first: each queue is ranked by the index at its entry age with a threshold of at least its
+   quantum, on the Kaplan-Meier estimate from the last 256 finished jobs with live jobs censored at
+   their attained service (finished jobs alone are biased short: under LAS the long ones are still
+   running). Heavy tails (decreasing hazard) give FastServe's order; past the short mode of a bimodal
+   mix a job is near its end and its queue moves up, where LAS ran the long jobs as processor sharing
+   while they held the scarce KV. A queue with fewer than ``MIN_AT_RISK`` = 16 observed jobs past its
+   entry age keeps the index of the one above, and before 16 jobs finished the order is FastServe's.
+   Eviction's gap (4) counts places in this order. bimodal/limited/poisson/0.7: average JCT 1.46x ->
+   1.22x the oracle's and p99 2.57x -> 1.49x FCFS's; bimodal/limited/cv4/0.9 2.60x -> 1.59x. Rejected:
+   thresholds just past the entry age (the index then ranked by the gap to the next sample: queues
+   reordered at random, avg within 15% in 85 cells; its p99 gains came from that noise); finished jobs
+   only (chat_a0.8/limited/poisson/0.8 went 1.25x -> 1.76x the oracle); Q0 at the median with this
+   order (73 cells within 15%); new jobs ahead of decoding ones inside a queue (TTFT 31 cells, average
+   47).
+Known limits (committed sweep, 120 cells at load <= 0.9): average JCT within 15% of the oracle in 87
+(worst 1.84x, summarise/cv4/0.9, where bursts push every job into the tail class; bimodal with limited
+KV 1.4-1.7x); p99 no worse than FCFS's in only 19 cells (worst 2.04x; long jobs wait behind short
+ones, as under the oracle, whose p99 meets FCFS's in only 24 cells); TTFT 5x below FCFS's in 28 of
+90 cells at load >= 0.7, which is 28 of the 57 where any policy could (elsewhere FCFS's TTFT is
+within 5x of every prefill run alone, the sweep's ``ttft_floor``); swap traffic within 1.5x FCFS's in
+20 of 47 cells.
 
 Service is charged from the cost model, so decisions are deterministic (same inputs, same plans:
 needed by multi-host lockstep and the simulator).
@@ -68,6 +84,7 @@ from __future__ import annotations
 import math
 
 from ferry.scheduler.cost_model import CostModel
+from ferry.scheduler.gittins import gittins_index, survival
 from ferry.scheduler.policy import Policy
 from ferry.scheduler.request_state import Job, State
 
@@ -77,6 +94,9 @@ SERVICE_WINDOW = 256         # finished jobs kept for the observed service distr
 Q0_QUANTILE = 0.9            # Q0 quantum = this quantile of finished jobs' attained service
 EVICT_GAP = 2                # a job's KV makes room only for a job at least this many queues higher
 FLOOR_QUANTILE = 0.99        # tail-guard wait floor = this quantile of finished jobs' time in batches
+MIN_SEEN_FOR_ORDER = 16      # finished jobs before the queue order follows the observed distribution
+MIN_AT_RISK = 16             # jobs (finished or live) older than a queue's entry age needed to rank it
+
 
 
 class SkipJoinMLFQ(Policy):
@@ -106,6 +126,8 @@ class SkipJoinMLFQ(Policy):
         self._served_seen: list[float] = []         # ring of finished jobs' time in batches
         self._seen = 0
         self.tail_promotions = 0
+        self.queue_rank = list(range(num_queues))    # priority position of each queue (0 = served first)
+        self._rank_stale = False                     # re-rank at the next refresh (live jobs are censored data)
 
     # ------------------------------------------------------------------ derived parameters
     @property
@@ -138,7 +160,28 @@ class SkipJoinMLFQ(Policy):
             a, s = sorted(self._attained_seen), sorted(self._served_seen)
             if self.fixed_q0 is None:
                 self.q0 = max(self.token_cost, a[int(Q0_QUANTILE * (len(a) - 1))])
+                self._rank_stale = self._seen >= MIN_SEEN_FOR_ORDER
             self.wait_floor = max(self._floor_prior / 4, s[int(FLOOR_QUANTILE * (len(s) - 1))])
+
+    def rank_queues(self, live: list[Job]) -> list[int]:
+        """Priority position of each queue: by the Gittins index at the queue's entry age (highest first,
+        ties to the lower queue), from finished jobs' attained service with live jobs censored at theirs.
+        A queue with fewer than MIN_AT_RISK jobs observed past its entry age keeps the index of the one
+        above (ties keep FastServe's order)."""
+        censored = [j.attained for j in live]
+        steps = survival(self._attained_seen, censored)
+        index, prev = [], math.inf
+        for i in range(self.num_queues):
+            age = self.q0 * (self.ratio ** i - 1) / (self.ratio - 1)
+            at_risk = sum(x > age for x in self._attained_seen) + sum(x > age for x in censored)
+            g = gittins_index(steps, age, quantum=self.q0 * self.ratio ** i) if at_risk >= MIN_AT_RISK else None
+            prev = g if g is not None else prev
+            index.append(prev)
+        by_priority = sorted(range(self.num_queues), key=lambda i: (-index[i], i))
+        rank = [0] * self.num_queues
+        for pos, i in enumerate(by_priority):
+            rank[i] = pos
+        return rank
 
     def service(self, job: Job) -> float:
         """What the quanta measure: own work (derived Q0) or, with a fixed ``base_quantum``, FastServe's
@@ -158,6 +201,8 @@ class SkipJoinMLFQ(Policy):
         job.used = job.attained = job.served = 0.0
 
     def refresh(self, jobs: list[Job], now: float) -> None:
+        if self._rank_stale:
+            self.queue_rank, self._rank_stale = self.rank_queues(jobs), False
         for j in jobs:
             if j.state == State.RUNNING or j.queue < 0:
                 continue
@@ -170,8 +215,9 @@ class SkipJoinMLFQ(Policy):
                 self.promotions += 1
 
     def order(self, jobs: list[Job]) -> list[Job]:
-        return sorted(jobs, key=lambda j: (-j.priority, j.queue, 0 if j.queue < 0 else self.prompt_left(j),
-                                           j.enqueued, j.arrival))
+        rank = self.queue_rank
+        return sorted(jobs, key=lambda j: (-j.priority, -1 if j.queue < 0 else rank[j.queue],
+                                           0 if j.queue < 0 else self.prompt_left(j), j.enqueued, j.arrival))
 
     @staticmethod
     def prompt_left(job: Job) -> int:
@@ -193,7 +239,9 @@ class SkipJoinMLFQ(Policy):
 
     def may_evict(self, victim: Job, for_job: Job) -> bool:
         """Only a job at least EVICT_GAP queues lower loses its KV (the tail class may take anyone's)."""
-        return for_job.queue < 0 or victim.queue >= for_job.queue + EVICT_GAP
+        if for_job.queue < 0:
+            return True
+        return victim.queue >= 0 and self.queue_rank[victim.queue] >= self.queue_rank[for_job.queue] + EVICT_GAP
 
     def queue_stats(self, waiting: list[Job]) -> dict[str, int]:
         counts = {f"waiting_q{i}": 0 for i in range(self.num_queues)}

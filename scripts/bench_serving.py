@@ -3,6 +3,7 @@
 usage: python scripts/bench_serving.py --trace FILE --policy mlfq|fcfs|oracle|both|all [--simulate]
            --output RESULT.json [--plot CDF.png]
   simulator knobs: --max-batch 32 --num-pages 400 --host-pages 4096 --page-size 16 --cost-model gpu|cpu|FILE
+                   or --like-engine (the engine's own scheduler settings for --max-batch/--max-model-len)
   real engine:     --model (default: SmolLM2) --max-batch 8 --max-model-len 1024 --num-pages N ...
                    [--baseline-rev REV: the same replay with the engine at git revision REV, in the same run]
 Writes avg/p50/p95/p99 JCT, avg TTFT, throughput and the scheduler counters per policy; with
@@ -27,6 +28,17 @@ from ferry.scheduler.workload import read_jsonl  # noqa: E402
 
 def run_sim(trace, policy, a):
     from gen_trace import cost_model
+    if a.like_engine:
+        import dataclasses
+        from ferry.engine.config import EngineConfig
+        eng = EngineConfig(max_batch=a.max_batch, max_model_len=a.max_model_len)
+        cfg = dataclasses.replace(eng.scheduler_config(a.num_pages, a.host_pages), policy=policy,
+                                  base_quantum=a.base_quantum, starve_limit=a.starve_limit, tail_slack=a.tail_slack)
+        t = time.perf_counter()
+        res, stats = simulate(trace, cfg)
+        print(f"  simulated {len(trace)} jobs in {time.perf_counter() - t:.1f} s (the engine's scheduler settings)",
+              flush=True)
+        return res, stats
     cfg = SchedulerConfig(max_batch=a.max_batch, max_tokens_per_step=a.max_batch + a.chunk,
                           max_prefill_chunk=a.chunk, page_size=a.page_size, num_device_pages=a.num_pages,
                           num_host_pages=a.host_pages, policy=policy, cost_model=cost_model(a.cost_model),
@@ -133,9 +145,15 @@ def main():
     ap.add_argument("--base-quantum", type=float, default=None, help="fixed Q0 seconds (default: derived)")
     ap.add_argument("--starve-limit", type=float, default=None, help="s without running -> Q0 (default: none)")
     ap.add_argument("--tail-slack", type=float, default=2.0)
+    ap.add_argument("--like-engine", action="store_true",
+                    help="simulator: the scheduler settings the real engine derives for --max-batch/--max-model-len "
+                         "(its CPU cost model padded to its buckets, its chunk and step size); no --cost-model, "
+                         "--chunk or --page-size")
     ap.add_argument("--baseline-rev", default=None, help="real engine: also replay the trace with the engine "
                                                          "at this git revision (a worktree), in the same run")
     a = ap.parse_args()
+    if a.like_engine and (not a.simulate or a.cost_model or a.chunk or a.page_size):
+        ap.error("--like-engine needs --simulate and takes the engine's cost model, chunk and page size")
     _refuse_ignored_flags(ap, a)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     trace = read_jsonl(a.trace)

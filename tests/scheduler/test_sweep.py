@@ -30,3 +30,19 @@ def test_sweep_smoke_writes_json_table_and_heatmaps(tmp_path):
                for line in table) == 4
     for metric in ("avg_jct", "p99_jct", "avg_ttft"):
         assert (tmp_path / f"sweep_{metric}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ttft_floor_is_a_job_alone_and_bounds_every_policy():
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import sweep_scheduler as S
+    from ferry.scheduler.simulator import simulate
+    alone = [{"arrival": 0.0, "prompt_len": 600, "output_len": 3}]     # three chunks: 256 + 256 + 88
+    res, _ = simulate(alone, S.config("fcfs", 200))
+    assert abs(res[0].ttft - S.ttft_floor(alone)) < 1e-12
+    # Ten at once: queueing puts every policy above the floor (the floor does not move).
+    burst = alone * 10
+    floor = S.ttft_floor(burst)
+    assert floor == S.ttft_floor(alone)
+    for pol in ("fcfs", "mlfq", "oracle"):
+        res, _ = simulate(burst, S.config(pol, 2000))
+        assert sum(r.ttft for r in res) / len(res) > floor
