@@ -261,7 +261,7 @@ class EngineConfig:
         from ferry.scheduler.cost_model import CostModel
         from ferry.scheduler.scheduler import SchedulerConfig
         b = self.buckets()
-        cost = CostModel.load(self.cost_model) if self.cost_model else CostModel()
+        cost = CostModel.load(self.cost_model) if self.cost_model else CostModel.cpu_default()
         # charged as this engine computes: steps padded to its token buckets, decodes to its batch buckets
         cost = dataclasses.replace(cost, token_buckets=b.step_tokens, row_buckets=b.decode_batch)
         return SchedulerConfig(

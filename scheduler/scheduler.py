@@ -67,7 +67,7 @@ class SchedulerConfig:
 class Scheduler:
     def __init__(self, cfg: SchedulerConfig) -> None:
         self.cfg = cfg
-        self.cost = cfg.cost_model or CostModel()
+        self.cost = cfg.cost_model or CostModel.cpu_default()
         self.policy = make_policy(cfg, self.cost)
         self.device = PagePool(cfg.num_device_pages, first=1)
         self.host = PagePool(cfg.num_host_pages)

@@ -1,9 +1,11 @@
 """Discrete-event simulation of serving: the real Scheduler objects, a cost-model clock.
 
-Each event is one engine iteration: ``plan = scheduler.schedule(now)``; the
+Each event is one engine dispatch: ``plan = scheduler.schedule(now)``; the
 clock advances by the cost model's time for that plan (prefill tokens,
-decode rows, attended context, swapped pages); every sampled item adds one
-token to its job; jobs reaching their output length finish. Arrivals between
+decode rows, attended context, swapped pages; K iterations for a K-step decode);
+every sampled item adds one token to its job (up to K in a K-step decode, as the
+engine's rows stop on device at their length); jobs reaching their output
+length finish at the end of the dispatch. Arrivals between
 iterations join before the next one; an idle system jumps to the next arrival.
 """
 from __future__ import annotations
@@ -64,15 +66,17 @@ def simulate(trace: list[dict], cfg: SchedulerConfig, check_every: int = 0) -> t
             elif dt == 0.0:
                 raise RuntimeError("simulator: scheduler made no progress with no arrivals left")
         now += dt
-        finished = []
+        finished, made = [], {}
         for w in plan.work:
-            if w.sample:
-                generated[w.request_id] += 1
+            if w.sample:           # a multi-step decode dispatch makes up to decode_steps tokens per row
+                n = min(plan.decode_steps, out_len[w.request_id] - generated[w.request_id])
+                made[w.request_id] = n
+                generated[w.request_id] += n
                 first.setdefault(w.request_id, now)
                 if generated[w.request_id] >= out_len[w.request_id]:
                     finished.append(w.request_id)
                     done[w.request_id] = now
-        sched.on_step_done(plan, now, finished=finished)
+        sched.on_step_done(plan, now, finished=finished, generated=made)
         iters += 1
         if check_every and iters % check_every == 0:
             sched.check_invariants()

@@ -61,7 +61,7 @@ def generate(num_jobs: int, *, load: float = 0.85, arrival: str = "gamma", cv: f
     else:
         outs = heavy_tailed_lengths(rng, num_jobs, out_min, out_max, alpha)
     if rate is None:
-        cost = cost or CostModel()
+        cost = cost or CostModel.cpu_default()
         mean_ctx = float(np.mean(prompts) + np.mean(outs) / 2)
         rate = load / job_service_time(cost, max_batch, float(np.mean(prompts)), float(np.mean(outs)), mean_ctx,
                                        chunk)

@@ -19,7 +19,7 @@ GPU = CostModel(base=0.012, per_prefill_token=4e-5, per_decode_row=1e-4, per_con
 
 
 def cost_model(spec: str) -> CostModel:
-    return {"gpu": GPU, "cpu": CostModel()}.get(spec) or CostModel.load(spec)
+    return {"gpu": GPU, "cpu": CostModel.cpu_default()}.get(spec) or CostModel.load(spec)
 
 
 def main():

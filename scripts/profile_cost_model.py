@@ -4,8 +4,9 @@ usage: python scripts/profile_cost_model.py [--model M] [--max-batch 16] [--max-
            [--repeats 3] [--output FILE]
 Times ragged steps (a prefill chunk of every compiled length alone, and beside decode rows) and
 single decode iterations at several batch sizes and contexts on the real engine (after its warm-up, so nothing compiles while timing), takes the
-median of ``--repeats`` runs each, fits ``scheduler.cost_model.CostModel`` by least squares (the
-work padded to the engine's step and batch buckets, as the engine computes it) and writes it with
+median of ``--repeats`` runs each (and K-step decode dispatches, reported per iteration, not fitted), fits ``scheduler.cost_model.CostModel`` by least squares (the
+work padded to the engine's step and batch buckets, as the engine computes it; decode dispatches
+with their own fixed cost) and writes it with
 every sample beside its fitted time. Default output: ``<model file without .gguf>.cost_model.json`` beside the model
 (the current directory for ``random:*`` models or a read-only model directory). Use it with
 ``EngineConfig(cost_model=FILE)`` / ``--cost-model FILE``.
@@ -72,6 +73,10 @@ def main():
                if 16 <= n <= L and n + b <= budget and 0 < b < a.max_batch]      # b rows + the chunk's row
     shapes += [("decode", 0, b, ctx) for b in (1, 2, 4, 8, 16, 32, 64, 128) if b <= a.max_batch
                for ctx in sorted({min(64, L - 1), ctx_mid, L - 1})]
+    # multi-step decode dispatches (K iterations, as the engine runs steady decode): reported per
+    # iteration beside the fit, not fitted (the scheduler charges K single iterations)
+    K = eng.config.decode_steps
+    shapes += [("multi", 0, b, ctx_mid) for b in buckets.decode_batch] if K > 1 else []
     samples = []
     for kind, n, b, ctx in tqdm(shapes, desc="profiling steps"):
         times = []
@@ -88,22 +93,28 @@ def main():
                 rows.append(StepRow(0, n, pages, list(range(3, 3 + n)), slots[b]))
                 jax.block_until_ready(runner.step(rows)[0].tokens)
             else:
-                jax.block_until_ready(runner.decode(slots[:b], ctx, 1).tokens)
-            times.append(time.perf_counter() - t)
+                steps = K if kind == "multi" else 1
+                jax.block_until_ready(runner.decode(slots[:b], ctx, steps).tokens)
+            times.append((time.perf_counter() - t) / (K if kind == "multi" else 1))
             for i in range(nslots):
                 eng.slots.release(f"p{i}")
         sample = {"prefill_tokens": n, "decode_rows": b, "context_tokens": n + b * ctx}
+        if kind == "multi":
+            sample["decode_steps"] = K
         samples.append({**sample, "seconds": statistics.median(times[1:])})
     if eng.guard.violations:
         print(f"warning: {eng.guard.violations} compilations while profiling; timings include them")
-    cm = CostModel.fit(samples, buckets.step_tokens, buckets.decode_batch)
-    flat = CostModel.fit(samples)                       # the same samples, work not padded: for comparison
-    print(f"{'prefill':>8} {'rows':>5} {'context':>8} {'measured ms':>12} {'fitted ms':>10} {'unpadded fit':>13}")
+    fitted = [s for s in samples if "decode_steps" not in s]
+    cm = CostModel.fit(fitted, buckets.step_tokens, buckets.decode_batch, decode_base=True)
+    flat = CostModel.fit(fitted)                        # one base, work not padded: for comparison
+    print(f"{'prefill':>8} {'rows':>5} {'context':>8} {'measured ms':>12} {'fitted ms':>10} {'unpadded fit':>13}"
+          "  (K: per iteration of a K-step decode, not fitted)")
     for s in samples:
         s["fitted_seconds"] = cm.iteration_time(s["prefill_tokens"], s["decode_rows"], s["context_tokens"])
         s["unpadded_fit_seconds"] = flat.iteration_time(s["prefill_tokens"], s["decode_rows"], s["context_tokens"])
         print(f"{s['prefill_tokens']:>8} {s['decode_rows']:>5} {s['context_tokens']:>8} {1e3 * s['seconds']:12.1f} "
-              f"{1e3 * s['fitted_seconds']:10.1f} {1e3 * s['unpadded_fit_seconds']:13.1f}")
+              f"{1e3 * s['fitted_seconds']:10.1f} {1e3 * s['unpadded_fit_seconds']:13.1f}"
+              + (f"  K={s['decode_steps']}" if "decode_steps" in s else ""))
     out = a.output or default_output(a.model, eng.model_name)
     print(cm)
     # CostModel.load reads the coefficients and bucket tables and ignores the rest

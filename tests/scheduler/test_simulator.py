@@ -170,3 +170,35 @@ def test_bench_serving_reports_every_policy_against_fcfs_and_the_oracle(tmp_path
     real = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench_serving.py"), "--trace", str(trace),
                            "--policy", "oracle", "--output", str(out)], capture_output=True, text=True)
     assert real.returncode != 0 and "simulator only" in real.stderr
+
+
+def test_cost_model_fits_a_separate_decode_base_and_the_cpu_default_is_the_committed_fit():
+    """Decode dispatches get their own fixed cost when the fit is asked for one; a single-base fit of
+    the same samples misses (positive control). The CPU default is the committed profile's fit."""
+    truth = CostModel(base=0.08, decode_base=0.03, per_prefill_token=0.002, per_decode_row=0.004,
+                      per_context_token=3e-6, per_swap_page=0.0, token_buckets=(16, 64, 256), row_buckets=(1, 4, 16))
+    assert truth.iteration_time(0, 1) == pytest.approx(0.03 + 0.004)
+    assert truth.iteration_time(15, 1) == pytest.approx(0.08 + 0.002 * 15 + 0.004)   # 16 tokens: one bucket
+    rng = np.random.default_rng()
+    samples = []
+    for _ in range(40):
+        p, r, c = int(rng.choice([0, int(rng.integers(1, 240))])), int(rng.integers(1, 16)), int(rng.integers(0, 4000))
+        samples.append({"prefill_tokens": p, "decode_rows": r, "context_tokens": c,
+                        "seconds": truth.iteration_time(p, r, c)})
+    if {s["prefill_tokens"] == 0 for s in samples} != {True, False}:
+        samples[0]["prefill_tokens"], samples[1]["prefill_tokens"] = 0, 32
+        for s in samples[:2]:
+            s["seconds"] = truth.iteration_time(s["prefill_tokens"], s["decode_rows"], s["context_tokens"])
+    fit = CostModel.fit(samples, truth.token_buckets, truth.row_buckets, decode_base=True)
+    for k in ("base", "decode_base", "per_prefill_token", "per_decode_row", "per_context_token"):
+        assert getattr(fit, k) == pytest.approx(getattr(truth, k), rel=1e-6, abs=1e-12)
+    assert CostModel.from_json(fit.to_json()) == fit
+    one = CostModel.fit(samples, truth.token_buckets, truth.row_buckets)
+    assert one.decode_base is None
+    assert max(abs(one.iteration_time(s["prefill_tokens"], s["decode_rows"], s["context_tokens"]) - s["seconds"])
+               / s["seconds"] for s in samples) > 0.05
+    with open(os.path.join(ROOT, "benchmarks", "results", "cost_model_cpu_2core.json")) as f:
+        committed = CostModel.from_json(f.read())
+    default = CostModel.cpu_default()
+    for k in ("base", "decode_base", "per_prefill_token", "per_decode_row", "per_context_token"):
+        assert getattr(default, k) == pytest.approx(getattr(committed, k), rel=0.05)
