@@ -186,7 +186,10 @@ class Scheduler:
         rows = sum(1 for w in work if w.num_tokens == 1)
         ctx = sum(w.start + w.num_tokens for w in work)
         self._last_cost = self.cost.iteration_time(prefill, rows, ctx, len(kv.swap_out) + len(kv.swap_in))
-        self._last_cost += (steps - 1) * self.cost.iteration_time(0, rows, ctx + rows * steps // 2)
+        if steps > 1:           # the dispatch's loop ends when every row reached its max_tokens
+            run = min(steps, max(self.jobs[w.request_id].max_tokens - self.jobs[w.request_id].generated
+                                 for w in work))
+            self._last_cost += (run - 1) * self.cost.iteration_time(0, rows, ctx + rows * run // 2)
         return Plan(tuple(work), tuple(kv.swap_out), tuple(kv.swap_in), tuple(preempted), tuple(kv.dropped),
                     decode_steps=steps)
 

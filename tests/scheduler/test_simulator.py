@@ -202,3 +202,14 @@ def test_cost_model_fits_a_separate_decode_base_and_the_cpu_default_is_the_commi
     default = CostModel.cpu_default()
     for k in ("base", "decode_base", "per_prefill_token", "per_decode_row", "per_context_token"):
         assert getattr(default, k) == pytest.approx(getattr(committed, k), rel=0.05)
+
+
+def test_multi_step_decode_credits_every_token_of_the_dispatch():
+    """A K-step decode dispatch is charged K iterations and makes up to K tokens per row (stopping at
+    the output length), so K = 8 finishes a lone job in the time of K = 1, in about 1/8 the dispatches."""
+    trace = [{"arrival": 0.0, "prompt_len": 8, "output_len": 43}]
+    one, s1 = simulate(trace, _cfg("fcfs", decode_steps=1))
+    eight, s8 = simulate(trace, _cfg("fcfs", decode_steps=8))
+    assert s1["iterations"] == 43 and s8["iterations"] == 1 + 6          # prefill, then 42 tokens in 6 dispatches
+    assert eight[0].jct == pytest.approx(one[0].jct, rel=0.02)
+    assert s8["device_pages_used"] == 0                                   # released at its 43rd token
