@@ -44,6 +44,8 @@ class Job:
     last_run: float = 0.0          # last time it was in a batch (starvation guard)
     attained: float = 0.0          # cost-model seconds of its own work done so far (MLFQ level; never drops)
     served: float = 0.0            # seconds of iterations it was in the batch of (MLFQ tail guard)
+    ahead: float = -1.0            # expected work (cost-model s) of the jobs before it when it arrived:
+                                   # about its wait under FCFS (MLFQ tail guard; < 0 until measured)
 
     @property
     def known(self) -> int:

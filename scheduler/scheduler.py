@@ -50,7 +50,7 @@ class SchedulerConfig:
     offload_watermark: float = 0.10    # keep this fraction of device pages free (proactive offload)
     cost_model: CostModel | None = None
     decode_steps: int = 1              # most decode iterations per dispatch (multi-step decode)
-    tail_slack: float = 2.0            # MLFQ tail guard: wait <= slack * (attained + Q0 quantum) (mlfq.py)
+    tail_slack: float = 2.0            # MLFQ tail guard: wait <= slack * (served + ahead + floor) (mlfq.py)
     max_prefill_rows: int | None = None  # multi-token (prefill chunk) rows per plan (the engine's step size)
     window: int | None = None          # sliding window (tokens) of EVERY layer: pages wholly before the
                                        # next query's window are freed (None: keep every page)

@@ -185,10 +185,12 @@ def main():
         out["fcfs_over_mlfq"] = {k: f[k] / m[k] for k in ("avg_jct", "p50_jct", "p95_jct", "p99_jct", "avg_ttft")
                                  if m[k] > 0}
         print("FCFS / MLFQ:", {k: round(v, 2) for k, v in out["fcfs_over_mlfq"].items()})
+    out["command"] = "python scripts/bench_serving.py " + " ".join(sys.argv[1:])
+    from results_io import machine
+    out["machine"] = machine()
     if a.baseline_rev:
         if a.simulate:
             ap.error("--baseline-rev compares real engines (no --simulate)")
-        out["command"] = "python scripts/bench_serving.py " + " ".join(sys.argv[1:])
         out["baseline"] = run_baseline(a, policies)
         for pol in policies:
             b, n = out["baseline"][pol], out[pol]

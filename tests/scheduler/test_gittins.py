@@ -61,7 +61,7 @@ def test_index_falls_with_age_for_heavy_tails_and_rises_past_a_short_mode():
 
 
 def _finished(m, attained):
-    job = dataclasses.make_dataclass("J", [("attained", float), ("served", float)])
+    job = dataclasses.make_dataclass("J", [("attained", float), ("served", float), ("generated", int, dataclasses.field(default=0))])
     for a in attained:
         m.on_finish(job(attained=a, served=a))
 

@@ -2,17 +2,18 @@
 
 Bound (scheduler/mlfq.py, change 3): at every ``schedule(now)``, a job outside the tail class that
 was not in the previous batch has waited (time since arrival outside a batch) at most
-``tail_slack * (served + wait_floor)``; and the oldest tail-class job is in the batch whenever its
+``tail_slack * (served + ahead + wait_floor)``; and the oldest tail-class job is in the batch whenever its
 pages fit (memory is ample here).
 """
 import dataclasses
 
+import pytest
 from hypothesis import given, settings, strategies as st
 
 from ferry.scheduler.cost_model import CostModel
 from ferry.scheduler.mlfq import SkipJoinMLFQ
 from ferry.scheduler.policy import Policy
-from ferry.scheduler.request_state import State
+from ferry.scheduler.request_state import Job, State
 from ferry.scheduler.scheduler import Scheduler, SchedulerConfig
 
 COST = CostModel(base=0.01, per_prefill_token=0.001, per_decode_row=0.001, per_context_token=0.0, per_swap_page=0.0)
@@ -90,7 +91,7 @@ def test_bound_holds_on_an_adversarial_stream_and_the_check_can_fail(monkeypatch
 def test_wait_floor_and_q0_follow_the_observed_service():
     m = SkipJoinMLFQ(COST, max_batch=4)
     q0_prior, floor_prior = m.q0, m.wait_floor
-    job = dataclasses.make_dataclass("J", [("attained", float), ("served", float)])
+    job = dataclasses.make_dataclass("J", [("attained", float), ("served", float), ("generated", int, dataclasses.field(default=0))])
     for k in range(128):                     # parameters are refreshed every 16 finished jobs
         m.on_finish(job(attained=0.001 * (k + 1), served=0.01 * (k + 1)))
     assert m.q0 != q0_prior and abs(m.q0 - 0.001 * 115) < 1e-9            # 90th percentile of attained
@@ -99,3 +100,22 @@ def test_wait_floor_and_q0_follow_the_observed_service():
     for k in range(100):
         fixed.on_finish(job(attained=1.0, served=1.0))
     assert fixed.q0 == 0.05                                              # base_quantum pins Q0
+
+
+def test_a_job_behind_a_backlog_may_wait_for_it_as_under_fcfs():
+    """``ahead``: the expected work left of the jobs that arrived before a job, measured at its first
+    refresh; its wait bound grows by tail_slack times that (FCFS would make it wait about as long)."""
+    m = SkipJoinMLFQ(COST, max_batch=4)
+    first = Job("a", prompt_len=100, max_tokens=50, arrival=0.0)
+    m.on_add(first, 0.0)
+    m.refresh([first], 0.0)
+    assert first.ahead == 0.0                                 # positive control: nothing before it
+    late = Job("b", prompt_len=10, max_tokens=5, arrival=1.0)
+    m.on_add(late, 1.0)
+    m.refresh([first, late], 1.0)
+    assert first.ahead == 0.0                                 # measured once
+    assert late.ahead == pytest.approx(m.expected_left(first)) and late.ahead > 0.1   # 100 prompt tokens
+    alone = Job("c", prompt_len=10, max_tokens=5, arrival=2.0)
+    m.on_add(alone, 2.0)
+    m.refresh([alone], 2.0)
+    assert m.wait_bound(late) - m.wait_bound(alone) == pytest.approx(m.tail_slack * late.ahead)
