@@ -61,7 +61,8 @@ Changed for issue 15 (one default parameter set; cells named mix/memory/arrival/
    running). Heavy tails (decreasing hazard) give FastServe's order; past the short mode of a bimodal
    mix a job is near its end and its queue moves up, where LAS ran the long jobs as processor sharing
    while they held the scarce KV. A queue with fewer than ``MIN_AT_RISK`` = 16 observed jobs past its
-   entry age keeps the index of the one above, and before 16 jobs finished the order is FastServe's.
+   entry age keeps the index of the one above; before 16 jobs finished, and with a fixed
+   ``base_quantum``, the order is FastServe's.
    Eviction's gap (4) counts places in this order. bimodal/limited/poisson/0.7: average JCT 1.46x ->
    1.22x the oracle's and p99 2.57x -> 1.49x FCFS's; bimodal/limited/cv4/0.9 2.60x -> 1.59x. Rejected:
    thresholds just past the entry age (the index then ranked by the gap to the next sample: queues
@@ -110,7 +111,6 @@ EVICT_GAP = 2                # a job's KV makes room only for a job at least thi
 FLOOR_QUANTILE = 0.99        # tail-guard wait floor = this quantile of finished jobs' time in batches
 MIN_SEEN_FOR_ORDER = 16      # finished jobs before the queue order follows the observed distribution
 MIN_AT_RISK = 16             # jobs (finished or live) older than a queue's entry age needed to rank it
-
 
 
 class SkipJoinMLFQ(Policy):

@@ -76,7 +76,7 @@ def main():
     # multi-step decode dispatches (K iterations, as the engine runs steady decode): reported per
     # iteration beside the fit, not fitted (the scheduler charges K single iterations)
     K = eng.config.decode_steps
-    shapes += [("multi", 0, b, ctx_mid) for b in buckets.decode_batch] if K > 1 else []
+    shapes += [("multi", 0, b, max(0, min(ctx_mid, L - 1 - K))) for b in buckets.decode_batch] if K > 1 else []
     samples = []
     for kind, n, b, ctx in tqdm(shapes, desc="profiling steps"):
         times = []

@@ -104,6 +104,17 @@ def test_cost_model_fit_and_json():
     assert fit.iteration_time() == 0.0
 
 
+def _random_samples(truth, n=40):
+    """Fresh random steps (half decode-only, half with a chunk of 1-239 tokens) timed by ``truth``."""
+    rng = np.random.default_rng()
+    samples = []
+    for i in range(n):
+        p, r, c = (0 if i % 2 else int(rng.integers(1, 240))), int(rng.integers(1, 16)), int(rng.integers(0, 4000))
+        samples.append({"prefill_tokens": p, "decode_rows": r, "context_tokens": c,
+                        "seconds": truth.iteration_time(p, r, c)})
+    return samples
+
+
 def test_cost_model_pads_work_to_the_engine_buckets_and_fits_through_them():
     """A step's tokens are charged up to the step bucket (padding as prefill tokens), a decode's rows up
     to the batch bucket; a fit through the same tables recovers a bucketed truth that an unpadded
@@ -113,12 +124,7 @@ def test_cost_model_pads_work_to_the_engine_buckets_and_fits_through_them():
     assert truth.padded(64, 4) == (252, 4) and truth.padded(10, 0) == (16, 0) and truth.padded(0, 5) == (0, 16)
     assert truth.padded(300, 0) == (300, 0)                             # past the largest bucket: as is
     assert truth.iteration_time(62, 4) == truth.iteration_time(200, 4)   # both run in the 256-token step
-    rng = np.random.default_rng()
-    samples = []
-    for _ in range(40):
-        p, r, c = int(rng.choice([0, int(rng.integers(1, 240))])), int(rng.integers(1, 16)), int(rng.integers(0, 4000))
-        samples.append({"prefill_tokens": p, "decode_rows": r, "context_tokens": c,
-                        "seconds": truth.iteration_time(p, r, c)})
+    samples = _random_samples(truth)
     fit = CostModel.fit(samples, truth.token_buckets, truth.row_buckets)
     assert all(
         getattr(fit, k) == pytest.approx(getattr(truth, k), rel=1e-6, abs=1e-12)
@@ -179,16 +185,7 @@ def test_cost_model_fits_a_separate_decode_base_and_the_cpu_default_is_the_commi
                       per_context_token=3e-6, per_swap_page=0.0, token_buckets=(16, 64, 256), row_buckets=(1, 4, 16))
     assert truth.iteration_time(0, 1) == pytest.approx(0.03 + 0.004)
     assert truth.iteration_time(15, 1) == pytest.approx(0.08 + 0.002 * 15 + 0.004)   # 16 tokens: one bucket
-    rng = np.random.default_rng()
-    samples = []
-    for _ in range(40):
-        p, r, c = int(rng.choice([0, int(rng.integers(1, 240))])), int(rng.integers(1, 16)), int(rng.integers(0, 4000))
-        samples.append({"prefill_tokens": p, "decode_rows": r, "context_tokens": c,
-                        "seconds": truth.iteration_time(p, r, c)})
-    if {s["prefill_tokens"] == 0 for s in samples} != {True, False}:
-        samples[0]["prefill_tokens"], samples[1]["prefill_tokens"] = 0, 32
-        for s in samples[:2]:
-            s["seconds"] = truth.iteration_time(s["prefill_tokens"], s["decode_rows"], s["context_tokens"])
+    samples = _random_samples(truth)
     fit = CostModel.fit(samples, truth.token_buckets, truth.row_buckets, decode_base=True)
     for k in ("base", "decode_base", "per_prefill_token", "per_decode_row", "per_context_token"):
         assert getattr(fit, k) == pytest.approx(getattr(truth, k), rel=1e-6, abs=1e-12)
