@@ -81,7 +81,9 @@ Changed for issue 15 (one default parameter set; cells named mix/memory/arrival/
    1.12x (their p99 1.00x -> 1.24x and 1.40x -> 1.73x FCFS's, still under the oracle's 1.74x and
    1.66x); chat_a0.8/limited/cv4/0.8 p99 1.03x -> 0.92x. Over the sweep: average within 15% of the
    oracle in 87 -> 93 cells, p99 19 -> 20, TTFT and swap unchanged. Rejected: ``ahead`` in place of
-   ``served`` (p99 in 10 cells).
+   ``served`` (p99 in 10 cells). Also tried inside a queue, none kept: jobs with KV on device first
+   (p99 18 cells, swap 21), arrival order (worst average 2.29x the oracle, p99 17), most attained
+   service first below Q0 (p99 17, swap 23; average 93 either way).
 Known limits (committed sweep, 120 cells at load <= 0.9): average JCT within 15% of the oracle in 93
 (worst 1.69x, bimodal/limited/poisson/0.9; bimodal with limited KV 1.4-1.7x, chat_a0.8 with limited
 KV 1.2-1.5x, where the long jobs share the scarce KV as processor sharing while the oracle finishes
