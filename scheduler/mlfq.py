@@ -80,7 +80,9 @@ Changed for issue 15 (one default parameter set; cells named mix/memory/arrival/
    FCFS: summarise/cv4/0.7 went 1.42x -> 1.11x the oracle's average JCT, summarise/cv2/0.8 1.21x ->
    1.12x (their p99 1.00x -> 1.24x and 1.40x -> 1.73x FCFS's, still under the oracle's 1.74x and
    1.66x); chat_a0.8/limited/cv4/0.8 p99 1.03x -> 0.92x. Over the sweep: average within 15% of the
-   oracle in 87 -> 93 cells, p99 19 -> 20, TTFT and swap unchanged. Rejected: ``ahead`` in place of
+   oracle in 87 -> 93 cells, p99 19 -> 20, TTFT and swap unchanged; with trace seeds 1 and 2 the
+   average gains more (91 -> 101, 91 -> 103) but p99 loses (19 -> 15, 15 -> 9 cells): this change
+   trades tail for average (benchmarks/results/sweep_scheduler_seeds.json). Rejected: ``ahead`` in place of
    ``served`` (p99 in 10 cells). Also tried inside a queue, none kept: jobs with KV on device first
    (p99 18 cells, swap 21), arrival order (worst average 2.29x the oracle, p99 17), most attained
    service first below Q0 (p99 17, swap 23; average 93 either way).
