@@ -236,7 +236,7 @@ class SkipJoinMLFQ(Policy):
         new = [j for j in jobs if j.ahead < 0]
         if not new:
             return
-        left = sorted(((j.arrival, j.rid), self.expected_left(j)) for j in jobs)
+        left = [((j.arrival, j.rid), self.expected_left(j)) for j in jobs]
         for j in new:
             j.ahead = sum(w for key, w in left if key < (j.arrival, j.rid))
 

@@ -186,10 +186,7 @@ class Scheduler:
         rows = sum(1 for w in work if w.num_tokens == 1)
         ctx = sum(w.start + w.num_tokens for w in work)
         self._last_cost = self.cost.iteration_time(prefill, rows, ctx, len(kv.swap_out) + len(kv.swap_in))
-        if steps > 1:           # the dispatch's loop ends when every row reached its max_tokens
-            run = min(steps, max(self.jobs[w.request_id].max_tokens - self.jobs[w.request_id].generated
-                                 for w in work))
-            self._last_cost += (run - 1) * self.cost.iteration_time(0, rows, ctx + rows * run // 2)
+        self._last_cost += (steps - 1) * self.cost.iteration_time(0, rows, ctx + rows * steps // 2)
         return Plan(tuple(work), tuple(kv.swap_out), tuple(kv.swap_in), tuple(preempted), tuple(kv.dropped),
                     decode_steps=steps)
 
@@ -197,24 +194,26 @@ class Scheduler:
         """Multi-step decode: K = ``decode_steps`` iterations in one dispatch when the batch is all
         decode rows, no page moves are planned and no other job waits (a new arrival then waits at
         most one dispatch). Each row gets the pages for its K tokens now (capped by its
-        max_tokens); if the free pool cannot hold them, K = 1."""
+        max_tokens); if the free pool cannot hold them, K = 1. Returns the iterations the dispatch
+        runs: K, or fewer when every row reaches its max_tokens sooner (the loop ends there)."""
         K = self.cfg.decode_steps
         waiting = [j for j in live if j.rid not in chosen and j.generated < j.max_tokens]
         if K <= 1 or not chosen or waiting or kv.swap_out or kv.swap_in or kv.dropped:
             return 1
         if any(w.num_tokens != 1 or not w.sample for w in chosen.values()):
             return 1
-        extra = {}
+        extra, run = {}, 1
         for rid in chosen:
             job = self.jobs[rid]
             k = max(1, min(K, job.max_tokens - job.generated))
             extra[rid] = max(0, self.pages_for(job.num_computed + k) - job.num_pages)
+            run = max(run, k)
         if sum(extra.values()) > self.device.num_free:
             return 1
         for rid, n in extra.items():
             if n:
                 self.jobs[rid].pages += self.device.allocate(n)
-        return K
+        return run
 
     def on_step_done(self, plan: Plan, now: float, finished=(), generated: dict[str, int] | None = None) -> None:
         """Advance token counts, charge service time, release finished jobs.

@@ -28,21 +28,17 @@ from ferry.scheduler.workload import read_jsonl  # noqa: E402
 
 def run_sim(trace, policy, a):
     from gen_trace import cost_model
-    if a.like_engine:
+    if a.like_engine:                  # the engine's own scheduler settings for this batch and length
         import dataclasses
         from ferry.engine.config import EngineConfig
         eng = EngineConfig(max_batch=a.max_batch, max_model_len=a.max_model_len)
         cfg = dataclasses.replace(eng.scheduler_config(a.num_pages, a.host_pages), policy=policy,
                                   base_quantum=a.base_quantum, starve_limit=a.starve_limit, tail_slack=a.tail_slack)
-        t = time.perf_counter()
-        res, stats = simulate(trace, cfg)
-        print(f"  simulated {len(trace)} jobs in {time.perf_counter() - t:.1f} s (the engine's scheduler settings)",
-              flush=True)
-        return res, stats
-    cfg = SchedulerConfig(max_batch=a.max_batch, max_tokens_per_step=a.max_batch + a.chunk,
-                          max_prefill_chunk=a.chunk, page_size=a.page_size, num_device_pages=a.num_pages,
-                          num_host_pages=a.host_pages, policy=policy, cost_model=cost_model(a.cost_model),
-                          base_quantum=a.base_quantum, starve_limit=a.starve_limit, tail_slack=a.tail_slack)
+    else:
+        cfg = SchedulerConfig(max_batch=a.max_batch, max_tokens_per_step=a.max_batch + a.chunk,
+                              max_prefill_chunk=a.chunk, page_size=a.page_size, num_device_pages=a.num_pages,
+                              num_host_pages=a.host_pages, policy=policy, cost_model=cost_model(a.cost_model),
+                              base_quantum=a.base_quantum, starve_limit=a.starve_limit, tail_slack=a.tail_slack)
     t = time.perf_counter()
     res, stats = simulate(trace, cfg)
     print(f"  simulated {len(trace)} jobs in {time.perf_counter() - t:.1f} s", flush=True)
