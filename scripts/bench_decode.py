@@ -97,24 +97,6 @@ def load_hf(shape: str | None, dtype: str):
         return AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype)).eval()
 
 
-def copy_bandwidth(nbytes: int = 2**30, iters: int = 20) -> float:
-    """HBM bytes read + written per second by an elementwise pass over ``nbytes`` (far past the L2),
-    ``iters`` dependent passes in one jitted loop (one dispatch), best of 3 runs."""
-    import jax
-    import jax.numpy as jnp
-    x = jnp.ones((nbytes // 2,), jnp.bfloat16)
-    f = jax.jit(lambda a: jax.lax.fori_loop(0, iters, lambda i, a: a * 1.0001, a))
-    f(x).block_until_ready()
-    best = None
-    for _ in range(3):
-        t0 = time.perf_counter()
-        f(x).block_until_ready()
-        dt = time.perf_counter() - t0
-        best = dt if best is None else min(best, dt)
-    del x
-    return 2 * nbytes * iters / best
-
-
 def weight_bytes_per_step(params: dict) -> int:
     """Bytes of weights one decode step must read: all of them, except an untied embedding table
     (only the B looked-up rows of it are read; with tied embeddings the LM head reads it whole)."""
@@ -190,6 +172,8 @@ def main() -> int:
                     "(XLA and torch, f32)")
     ap.add_argument("--baseline-rev", default=None, help="Ferry at this git revision and this tree, alternating")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--decode-steps", type=int, default=None, help="EngineConfig.decode_steps (default: the engine's)")
+    ap.add_argument("--attn-impl", default=None, help="EngineConfig.attn_impl (default: the engine's)")
     args = ap.parse_args()
     if args.baseline_rev:
         return side_by_side(args)
@@ -199,11 +183,15 @@ def main() -> int:
     import jax
     bw = None
     if args.shape:                                  # before the engines hold device memory
-        bw = copy_bandwidth(2**30 if jax.default_backend() != "cpu" else 2**26)
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from bench_kernels import copy_bandwidth     # the benchmarks' one copy measurement
+        bw = copy_bandwidth(2**30 if jax.default_backend() != "cpu" else 2**26, iters=10, repeats=3)
         print(f"[bench] {jax.devices()[0]}: copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
     model = f"random:{args.shape}" if args.shape else None
     print(f"[bench] building Ferry engine (model={model or 'default'}, max_batch={max(batches)})", flush=True)
-    llm = LLM(model=model, max_batch=max(batches), max_model_len=512, max_prefill_chunk=128, dtype=args.dtype)
+    llm = LLM(model=model, max_batch=max(batches), max_model_len=512, max_prefill_chunk=128, dtype=args.dtype,
+              **({"decode_steps": args.decode_steps} if args.decode_steps else {}),
+              **({"attn_impl": args.attn_impl} if args.attn_impl else {}))
     prompt_ids = llm.tokenizer.encode(PROMPT)
     print(f"[bench] warm-up compile: {llm.engine.warmup_seconds:.1f}s; prompt {len(prompt_ids)} tokens", flush=True)
     hf = None if args.no_hf else load_hf(args.shape, "bfloat16" if args.shape else "float32")
@@ -211,7 +199,10 @@ def main() -> int:
     rows = []
     result = {"machine": platform.node(), "platform": jax.default_backend(),
               "device": str(jax.devices()[0]), "cpu_count": os.cpu_count(), "model": model or "SmolLM2-135M-Instruct",
-              "new_tokens": args.new_tokens, "prompt_tokens": len(prompt_ids), "rows": rows}
+              "new_tokens": args.new_tokens, "prompt_tokens": len(prompt_ids), "rows": rows,
+              "decode_steps": llm.engine.config.decode_steps, "attn_impl": llm.engine.config.attn_impl,
+              "kernels": llm.engine.kernels.as_dict(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+              "command": "python scripts/bench_decode.py " + " ".join(sys.argv[1:])}
     if args.shape:
         result["shape"] = args.shape
         result["warmup_seconds"] = llm.engine.warmup_seconds

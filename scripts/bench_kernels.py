@@ -137,11 +137,19 @@ class Results:
         os.replace(tmp, self.path)
 
 
-def copy_bandwidth(nbytes, args):
+def copy_pass(i, x):
+    """One elementwise pass over ``x: f32[n]`` (a loop body). The factor must differ from 1 in the
+    array's dtype: ``x * 1.0001`` in bf16 is ``x * 1``, which XLA deletes, and an empty loop once
+    reported 52 TB/s on an H200 (tests/kernels/test_bench_smoke.py)."""
+    return x * jnp.float32(1.0000001)
+
+
+def copy_bandwidth(nbytes, iters, repeats):
     """Bytes read + written per second by an elementwise pass over ``nbytes`` (loop-carried, so each
-    pass depends on the last; the buffer is far larger than the L2)."""
+    pass depends on the last; the buffer is far larger than the L2). The one copy-bandwidth
+    measurement of the benchmarks (bench_decode's roofline uses it too)."""
     x = jnp.full((nbytes // 4,), 1.0, jnp.float32)
-    t, _ = loop_time(lambda i, x: x * 1.0000001, x, (), max(2, args.iters // 10), args.repeats, donate=True)
+    t, _ = loop_time(lambda i, x: copy_pass(i, x), x, (), iters, repeats, donate=True)
     return 2 * nbytes / t
 
 
@@ -537,7 +545,7 @@ def main(argv=None):
     res = Results(args.output, device=getattr(dev, "device_kind", str(dev)), backend=jax.default_backend(),
                   jax=jax.__version__, smoke=args.smoke, iters=args.iters, repeats=args.repeats, l2_mb=args.l2_mb,
                   timing="one jitted fori_loop of `iters` dependent calls per run; median of `repeats` runs / iters")
-    bw = copy_bandwidth(copy_bytes, args)
+    bw = copy_bandwidth(copy_bytes, max(2, args.iters // 10), args.repeats)
     res.doc["copy_GBps"] = bw / 1e9
     res.save()
     print(f"device {res.doc['device']}: copy bandwidth {bw / 1e9:.1f} GB/s", flush=True)

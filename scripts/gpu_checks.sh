@@ -10,10 +10,14 @@
 #    Then the engine itself, Pallas against references: greedy tokens side by side
 #    (scripts/gpu_engine_parity.py, random tiny model).
 # 3. Kernel benchmarks (scripts/bench_kernels.py), one process per section, attention first.
-# 4. Sampling benchmark at Llama-3's vocabulary (synthetic logits: no weights on the device).
+# 4. The scheduler's cost model fitted on the engine (scripts/profile_cost_model.py, random weights
+#    of Llama-3-8B's shape, batch 32, as the scheduler sweep's "gpu" profile assumes).
 # 5. Decode benchmarks, Llama-3.2-1B shape (Ferry and HF) then Llama-3-8B shape (Ferry only),
-#    batches 1, 16, 64, with the memory roofline measured in the same process.
-# 6. scripts/gpu_summary.py: one table, each issue target beside its measurement.
+#    batches 1, 16, 64, with the memory roofline measured in the same process; the sampling
+#    benchmark at Llama-3's vocabulary (synthetic logits: no weights on the device).
+# 6. Decode variants (Llama-3.2-1B shape): where the time past the weights' read goes.
+# Steps run in priority order (what an issue is waiting on first).
+# 7. scripts/gpu_summary.py: one table, each issue target beside its measurement.
 #
 # Every step has its own timeout, capped by what is left of the total budget (GPU_CHECKS_BUDGET,
 # default 450 s, so the whole script stays under 8 minutes including start-up); a step whose time
@@ -89,16 +93,31 @@ step() {
 step selfcheck 60 "$py" -m ferry.kernels.selection --with-mosaic-gpu --output "$out/selection_$tag.json"
 step engine_parity 60 "$py" scripts/gpu_engine_parity.py --output "$out/engine_parity_$tag.json"
 step kernels_attention 110 "$py" scripts/bench_kernels.py --sections attention --output "$out/kernels_attention_$tag.json"
-step kernels_compaction 35 "$py" scripts/bench_kernels.py --sections compaction --output "$out/kernels_compaction_$tag.json"
-step kernels_kv_write 35 "$py" scripts/bench_kernels.py --sections kv_write --output "$out/kernels_kv_write_$tag.json"
-step kernels_prefill 25 "$py" scripts/bench_kernels.py --sections prefill --output "$out/kernels_prefill_$tag.json"
-step sampling 40 "$py" scripts/bench_sampling.py --synthetic --vocab 128256 --batch 64 --repeats 5 \
-    --output "$out/sampling_$tag.json"
+# The scheduler's cost model on a real deployment shape (the simulator's "gpu" profile is otherwise assumed).
+XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 step cost_model_llama-3-8b 150 "$py" scripts/profile_cost_model.py \
+    --model random:llama-3-8b --max-batch 32 --max-model-len 1024 --repeats 3 \
+    --output "$out/cost_model_llama-3-8b_$tag.json"
 # JAX would preallocate 75% of the GPU; HF's torch model shares it in the decode benchmark.
 XLA_PYTHON_CLIENT_MEM_FRACTION=0.6 step decode_llama-3.2-1b 120 "$py" scripts/bench_decode.py --shape llama-3.2-1b \
     --batches 1,16,64 --repeats 1 --output "$out/decode_llama-3.2-1b_$tag.json"
+step kernels_compaction 35 "$py" scripts/bench_kernels.py --sections compaction --output "$out/kernels_compaction_$tag.json"
+step sampling 40 "$py" scripts/bench_sampling.py --synthetic --vocab 128256 --batch 64 --repeats 5 \
+    --output "$out/sampling_$tag.json"
+step kernels_kv_write 35 "$py" scripts/bench_kernels.py --sections kv_write --output "$out/kernels_kv_write_$tag.json"
+step kernels_prefill 25 "$py" scripts/bench_kernels.py --sections prefill --output "$out/kernels_prefill_$tag.json"
 XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 step decode_llama-3-8b 200 "$py" scripts/bench_decode.py --shape llama-3-8b \
     --batches 1,16,64 --repeats 1 --no-hf --output "$out/decode_llama-3-8b_$tag.json"
+# Where decode time goes past the weights' read (Llama-3.2-1B shape, Ferry alone): decode iterations
+# per dispatch (1 and 32 against the default 8), the multi-step loop recorded as a CUDA graph with
+# its condition on the device (XLA's command buffers for WHILE/CONDITIONAL), XLA attention in place
+# of the Pallas kernels.
+for v in "k1 --decode-steps 1" "k32 --decode-steps 32" "xla_attention --attn-impl reference"; do
+    XLA_PYTHON_CLIENT_MEM_FRACTION=0.6 step "decode_variant_${v%% *}" 60 "$py" scripts/bench_decode.py \
+        --shape llama-3.2-1b --batches 1,16 --repeats 2 --no-hf ${v#* } --output "$out/decode_variant_${v%% *}_$tag.json"
+done
+XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL" XLA_PYTHON_CLIENT_MEM_FRACTION=0.6 \
+    step decode_variant_while_graphs 60 "$py" scripts/bench_decode.py --shape llama-3.2-1b --batches 1,16 \
+    --repeats 2 --no-hf --output "$out/decode_variant_while_graphs_$tag.json"
 
 "$py" scripts/gpu_summary.py "$out" 2>&1 | tee "$out/summary.txt"
 pack_results

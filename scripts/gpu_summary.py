@@ -90,6 +90,10 @@ def lines(folder: str) -> list[Line]:
     out.append(Line(f"engine greedy tokens, Pallas vs reference ({p.get('model', 'random:tiny')})",
                     "all prompts", p.get("identical"), f"of {p.get('prompts', '?')}",
                     None if not p else p.get("identical") == p.get("prompts")))
+    if p and p.get("identical") != p.get("prompts") and "near_ties" in p:
+        out.append(Line("  the differing prompts: near ties (rounding flips the top token)",
+                        "all of them", p["near_ties"], f"of {p['prompts'] - p['identical']}",
+                        p["near_ties"] == p["prompts"] - p["identical"]))
     k = _kernels(folder)
     pa = k["paged_attention"]
     r = _row(pa, B=64, L=2048)
@@ -124,7 +128,7 @@ def lines(folder: str) -> list[Line]:
             ms = res.get("ms", {})
             out.append(Line(f"sampling B={d.get('batch')} V={d.get('vocab')} {name}: compaction (sort {ms.get('sort', 0):.2f} ms)",
                             "same tokens", ms.get("compaction"), "ms", bool(res.get("same_tokens"))))
-    dec = {d.get("shape"): d for d in _load(folder, "decode_*.json")}
+    dec = {d.get("shape"): d for d in _load(folder, "decode_llama*.json")}
     r1 = _row(dec.get("llama-3.2-1b", {}).get("rows", []), batch=1)
     frac = r1.get("roofline_fraction")
     out.append(_at_least("decode Llama-3.2-1B bf16 batch 1, fraction of roofline", ">= 85%",
@@ -137,6 +141,17 @@ def lines(folder: str) -> list[Line]:
             hf = r.get("hf", {}).get("tok_s")
             extra = f" ({100 * frac:.1f}% of roofline" + (f", HF {hf:.0f} tok/s)" if hf else ")") if frac is not None else ""
             out.append(Line(f"decode {shape} batch {b}: ferry tok/s{extra}", "", tok, "tok/s", None))
+    for d in _load(folder, "decode_variant_*.json"):
+        for r in d.get("rows", []):
+            frac = r.get("roofline_fraction")
+            out.append(Line(f"decode variant {d.get('shape')} K={d.get('decode_steps')} attn={d.get('attn_impl')}"
+                            f"{' ' + d['xla_flags'].strip() if d.get('xla_flags', '').strip() else ''} batch {r['batch']}"
+                            + ("" if frac is None else f" ({100 * frac:.1f}% of roofline)"),
+                            "", r.get("ferry", {}).get("decode_tok_s"), "tok/s", None))
+    for d in _load(folder, "cost_model_*.json"):
+        for field in ("base", "decode_base", "per_prefill_token", "per_decode_row", "per_context_token"):
+            v = d.get(field)
+            out.append(Line(f"cost model {d.get('model')}: {field}", "", None if v is None else 1e3 * v, "ms", None))
     return out
 
 

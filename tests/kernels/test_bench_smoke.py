@@ -20,6 +20,23 @@ def test_loop_time_runs_every_iteration_in_one_program():
     assert float(c) == 22.0                                           # not donated: each run restarts
 
 
+def _multiplies(body, x):
+    """How many multiplies XLA keeps in a compiled fori_loop of ``body`` over ``x``."""
+    import jax
+    run = jax.jit(lambda x: jax.lax.fori_loop(0, 4, body, x))
+    return run.lower(x).compile().as_text().count("multiply(")
+
+
+def test_copy_pass_is_not_optimised_away():
+    """The copy-bandwidth loop must keep its pass: a multiply survives XLA. Positive control: the
+    factor bench_decode once used (1.0001 in bf16, which rounds to 1) is deleted, and that empty
+    loop reported 52 TB/s on an H200."""
+    n = int(np.random.default_rng().integers(1000, 5000))
+    assert _multiplies(bk.copy_pass, jnp.ones((n,), jnp.float32)) >= 1
+    assert _multiplies(lambda i, a: a * 1.0001, jnp.ones((n,), jnp.bfloat16)) == 0
+    assert bk.copy_bandwidth(1 << 16, 2, 1) > 0
+
+
 def test_rotation_spans_more_than_twice_the_l2():
     rng = np.random.default_rng()
     for _ in range(20):

@@ -11,8 +11,9 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-STEPS = ["selfcheck", "engine_parity", "kernels_attention", "kernels_compaction", "kernels_kv_write", "kernels_prefill", "sampling",
-         "decode_llama-3.2-1b", "decode_llama-3-8b"]
+STEPS = ["selfcheck", "engine_parity", "kernels_attention", "cost_model_llama-3-8b", "decode_llama-3.2-1b",
+         "kernels_compaction", "sampling", "kernels_kv_write", "kernels_prefill", "decode_llama-3-8b",
+         "decode_variant_k1", "decode_variant_k32", "decode_variant_xla_attention", "decode_variant_while_graphs"]
 
 
 def _run(tmp_path, env_extra=None, path_prefix=None):
@@ -60,7 +61,9 @@ def test_with_a_gpu_every_step_runs_in_order_then_the_summary(tmp_path, fake_gpu
     lines = calls.read_text().splitlines()
     assert len(lines) == len(STEPS)
     assert lines[0].startswith("-m ferry.kernels.selection") and "selection_fake_h200.json" in lines[0]
-    assert "gpu_engine_parity.py" in lines[1] and "--sections attention" in lines[2] and "--shape llama-3-8b" in lines[-1] and "--no-hf" in lines[-1]
+    assert "gpu_engine_parity.py" in lines[1] and "--sections attention" in lines[2] and "--shape llama-3-8b" in lines[9] and "--no-hf" in lines[9]
+    assert "profile_cost_model.py" in lines[3] and "random:llama-3-8b" in lines[3]
+    assert "--decode-steps 1 " in lines[10] and "--attn-impl reference" in lines[12] and "decode_variant_while_graphs" in lines[13]
     assert all(str(tmp_path / "out") in ln for ln in lines)
     steps = [ln.split() for ln in (tmp_path / "out" / "steps.txt").read_text().splitlines()]
     assert [s[0] for s in steps] == STEPS and all(s[1] == "0" for s in steps)
@@ -106,6 +109,9 @@ def test_summary_puts_targets_beside_measurements(tmp_path):
     (tmp_path / "decode_llama-3.2-1b_x.json").write_text(json.dumps({"shape": "llama-3.2-1b", "rows": [
         {"batch": 1, "ferry": {"decode_tok_s": 1000.0}, "roofline_fraction": 0.9, "roofline_tok_s": 1111}]}))
     (tmp_path / "engine_parity_x.json").write_text(json.dumps({"identical": 5, "prompts": 6, "model": "m"}))
+    (tmp_path / "cost_model_x.json").write_text(json.dumps({"model": "cm", "base": 0.012, "decode_base": 0.004}))
+    (tmp_path / "decode_variant_k1_x.json").write_text(json.dumps({"shape": "llama-3.2-1b", "decode_steps": 1, "attn_impl": "auto", "rows": [
+        {"batch": 1, "ferry": {"decode_tok_s": 10.0}, "roofline_fraction": 0.01}]}))
     (tmp_path / "selection_x.json").write_text(json.dumps({"choices": [{"shape": {"q_heads": 8}, "ops": [
         {"name": "compaction", "impl": "reference", "reason": "self-check failed: boom"}]}]}))
     st = {x.what: x.status for x in lines(str(tmp_path))}
@@ -119,6 +125,10 @@ def test_summary_puts_targets_beside_measurements(tmp_path):
     assert st["decode Llama-3.2-1B bf16 batch 1, fraction of roofline"] == "PASS"
     assert any(k.startswith("self-check") and v == "FAIL" for k, v in st.items())
     assert st["engine greedy tokens, Pallas vs reference (m)"] == "FAIL"
+    measured = {x.what: x.measured for x in lines(str(tmp_path))}
+    assert measured["cost model cm: decode_base"] == 4.0
+    assert measured["decode variant llama-3.2-1b K=1 attn=auto batch 1 (1.0% of roofline)"] == 10.0
+    assert st["decode Llama-3.2-1B bf16 batch 1, fraction of roofline"] == "PASS"      # not the variant's row
     assert main([str(tmp_path), "--json", str(tmp_path / "s.json")]) == 0
     assert any("unavailable: no cuDNN" in x["what"] for x in json.loads((tmp_path / "s.json").read_text()))
     empty = tmp_path / "empty"
@@ -136,7 +146,7 @@ class Block(importlib.abc.MetaPathFinder):
         if name.split('.')[0] in ('gguf', 'fastapi', 'uvicorn', 'starlette'):
             raise ImportError('blocked: ' + name)
 sys.meta_path.insert(0, Block())
-import scripts.bench_kernels, scripts.bench_decode, scripts.gpu_engine_parity, scripts.bench_sampling, scripts.gpu_summary
+import scripts.bench_kernels, scripts.bench_decode, scripts.gpu_engine_parity, scripts.bench_sampling, scripts.gpu_summary, scripts.profile_cost_model
 import ferry.kernels.selection, ferry.engine.sampling, ferry.engine.llm_engine, ferry.models.random_weights
 from ferry import LLM, SamplingParams
 """
@@ -146,3 +156,25 @@ from ferry import LLM, SamplingParams
     blocked = subprocess.run([sys.executable, "-c", code + "import gguf\n"], cwd=ROOT, capture_output=True, text=True,
                              timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert blocked.returncode != 0 and "blocked: gguf" in blocked.stderr              # positive control
+
+
+def test_engine_parity_tells_a_near_tie_from_a_bug():
+    """A difference whose reference top-2 gap is within twice the engines' disagreement over the
+    shared prefix is a near tie; a wide gap is not (the positive control)."""
+    import random
+    from types import SimpleNamespace as NS
+    sys.path.insert(0, str(ROOT))
+    from scripts.gpu_engine_parity import compare
+    from ferry.engine.outputs import TokenLogprob
+
+    def out(tokens, lps, gap):
+        return NS(token_ids=tokens, logprobs=[TokenLogprob(t, lp, ((t, lp), (t + 1, lp - gap)))
+                                               for t, lp in zip(tokens, lps)])
+    eps = random.uniform(1e-5, 1e-3)
+    ref = out([5, 6, 7], [-1.0, -2.0, -3.0], eps)
+    same = compare(3, out([5, 6, 7], [-1.0, -2.0 + eps, -3.0], 0.5), ref)
+    assert same["identical"] and same["first_difference"] is None and "near_tie" not in same
+    tie = compare(3, out([5, 6, 8], [-1.0, -2.0 + eps, -3.0], 0.5), ref)
+    assert tie["first_difference"] == 2 and tie["near_tie"] and tie["max_prefix_logprob_diff"] == pytest.approx(eps)
+    wide = compare(3, out([5, 6, 8], [-1.0, -2.0 + eps, -3.0], 0.5), out([5, 6, 7], [-1.0, -2.0, -3.0], 1.0))
+    assert not wide["near_tie"] and wide["reference_gap"] == 1.0
