@@ -13,9 +13,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ferry.scheduler.cost_model import CostModel  # noqa: E402
 from ferry.scheduler.workload import generate, write_jsonl  # noqa: E402
 
-# An H100-like step profile for the simulator (decode nearly flat in batch size). ASSUMED, not measured:
-# no GPU has run Ferry yet; replace it with `scripts/profile_cost_model.py` output from a real GPU run.
-GPU = CostModel(base=0.012, per_prefill_token=4e-5, per_decode_row=1e-4, per_context_token=2e-8, per_swap_page=2e-5)
+# The simulator's GPU profile: the fit on an H200 of the engine with random weights of Llama-3-8B's
+# shape, batch 32, bf16 (benchmarks/results/gpu/cost_model_llama-3-8b_nvidia_h200.json; a test keeps
+# the two equal). Decode is nearly flat in batch size: a dispatch's fixed cost (7.9 ms, about 4 ms of
+# it host overhead) dwarfs a row's 37 us. per_swap_page is NOT measured: one 16-token page of that
+# shape is 2 MiB, estimated at 40 us over the host link. Before this fit the profile was assumed
+# (base 12 ms, prefill 40 us/token, row 100 us, context 2e-8 s/token; sweep results say which).
+GPU = CostModel(base=9.38e-3, decode_base=7.91e-3, per_prefill_token=1.45e-5, per_decode_row=3.70e-5,
+                per_context_token=1.21e-8, per_swap_page=4e-5, token_buckets=(16, 64, 256), row_buckets=(1, 4, 16, 32))
 
 
 def cost_model(spec: str) -> CostModel:

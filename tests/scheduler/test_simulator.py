@@ -199,6 +199,12 @@ def test_cost_model_fits_a_separate_decode_base_and_the_cpu_default_is_the_commi
     default = CostModel.cpu_default()
     for k in ("base", "decode_base", "per_prefill_token", "per_decode_row", "per_context_token"):
         assert getattr(default, k) == pytest.approx(getattr(committed, k), rel=0.05)
+    from scripts.gen_trace import GPU                       # the simulator's GPU profile: the H200 fit
+    with open(os.path.join(ROOT, "benchmarks", "results", "gpu", "cost_model_llama-3-8b_nvidia_h200.json")) as f:
+        h200 = CostModel.from_json(f.read())
+    for k in ("base", "decode_base", "per_prefill_token", "per_decode_row", "per_context_token"):
+        assert getattr(GPU, k) == pytest.approx(getattr(h200, k), rel=0.01)
+    assert (GPU.token_buckets, GPU.row_buckets) == (h200.token_buckets, h200.row_buckets)
 
 
 def test_multi_step_decode_credits_every_token_of_the_dispatch():
