@@ -35,10 +35,14 @@ def survival(events: list[float], censored: list[float]) -> list[tuple[float, fl
     return steps
 
 
-def gittins_index(steps: list[tuple[float, float]], age: float, quantum: float = 0.0) -> float | None:
-    """G(age) from Kaplan-Meier ``steps``, the threshold y at least ``age + quantum`` (a job is served a
-    whole quantum before it is ranked again; on an empirical F, thresholds just past ``age`` would rank
-    by the gap to the next sample, which is noise). None when F(age) = 0 or no event lies beyond."""
+def gittins_curve(steps: list[tuple[float, float]], age: float,
+                  quantum: float = 0.0) -> tuple[float, list[tuple[float, float]]] | None:
+    """``(F(age), [(F(age) - F(y), integral_age^y F), ...])`` for the thresholds y >= age + ``quantum``
+    (a job is served a whole quantum before it is ranked again; on an empirical F, thresholds just past
+    ``age`` would rank by the gap to the next sample, which is noise). When every observed event lies
+    before the quantum's end, the threshold is the quantum's end: F is flat past the last event, so
+    that is the best y. Only points that maximise ``num / (c + area)`` for some c >= 0 are kept (the
+    upper hull, a handful). None when F(age) = 0 or no event lies past age."""
     f_age = 1.0
     for t, f in steps:
         if t > age:
@@ -46,16 +50,54 @@ def gittins_index(steps: list[tuple[float, float]], age: float, quantum: float =
         f_age = f
     if f_age <= 0.0:
         return None
-    best, area, last_t, last_f = None, 0.0, age, f_age
+    points, area, last_t, last_f = [], 0.0, age, f_age
     start = age + quantum
     for t, f in steps:
         if t <= age:
             continue
         if last_t < start <= t and start > age and last_f < f_age:   # the threshold at the quantum's end
-            best = (f_age - last_f) / (area + last_f * (start - last_t))
+            points.append((f_age - last_f, area + last_f * (start - last_t)))
         area += last_f * (t - last_t)              # integral of F from age to t (F is a step function)
         last_t, last_f = t, f
         if t >= start and area > 0.0:
-            g = (f_age - f) / area
-            best = g if best is None or g > best else best
-    return best
+            points.append((f_age - f, area))
+    if last_t < start and last_f < f_age:          # every event before the quantum's end
+        points.append((f_age - last_f, area + last_f * (start - last_t)))
+    if not points:
+        return None
+    return f_age, _hull(points)
+
+
+def _hull(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (num, area) points that maximise num / (c + area) for some c >= 0: seen from (-c, 0), the
+    upper-left concave hull starting at the best ratio for c = 0 (area ascending)."""
+    best = max(points, key=lambda p: p[0] / p[1])
+    pts = sorted(p for p in set(points) if p[1] >= best[1] and p[0] >= best[0])
+    hull: list[tuple[float, float]] = []
+    for num, area in sorted(pts, key=lambda p: (p[1], -p[0])):
+        if hull and num <= hull[-1][0]:
+            continue                               # more area for no more probability: never best
+        while len(hull) >= 2:                      # drop a point under the chord of its neighbours
+            (n1, a1), (n2, a2) = hull[-2], hull[-1]
+            if (n2 - n1) * (area - a1) <= (num - n1) * (a2 - a1):
+                hull.pop()
+            else:
+                break
+        hull.append((num, area))
+    return hull
+
+
+def index_from_curve(curve: tuple[float, list[tuple[float, float]]] | None, known: float = 0.0) -> float | None:
+    """The Gittins index of a job at the curve's age that must first spend ``known`` seconds of work
+    that cannot end it (a prompt still to prefill): max over y of (F(age) - F(y)) / (known F(age) +
+    integral_age^y F). ``known`` = 0: the plain index."""
+    if curve is None:
+        return None
+    f_age, points = curve
+    return max(num / (known * f_age + area) for num, area in points)
+
+
+def gittins_index(steps: list[tuple[float, float]], age: float, quantum: float = 0.0) -> float | None:
+    """G(age) from Kaplan-Meier ``steps``, the threshold y at least ``age + quantum`` (see
+    ``gittins_curve``). None when F(age) = 0 or no event lies past age."""
+    return index_from_curve(gittins_curve(steps, age, quantum))

@@ -5,8 +5,9 @@ FastServe's mechanism, kept:
   (the last queue: unbounded in effect). A job that used its queue's quantum is demoted one queue.
 * Skip-join: a new job's prefill is known from its prompt length; it joins the queue it will be in
   once that prefill is done, so long prompts skip queues they would leave at once.
-* Order: the tail class (below) first, then the queues (top first; change 6 may reorder them); inside
-  a queue, fewest prompt tokens left to prefill first (change 5), then FCFS (entering the queue). The
+* Order: the oldest tail-class job (below) first, then the queues (top first; changes 6 and 8 may
+  reorder them); inside a queue, fewest prompt tokens left to prefill first (change 5), then FCFS
+  (entering the queue). The
   Scheduler fills the batch in this order and preempts running jobs left out, at the token
   boundary; proactive offload/upload is the KV planner's (``kv_planner.py``).
 
@@ -30,8 +31,7 @@ Changed for issue 15 (one default parameter set; cells named mix/memory/arrival/
    increasing-hazard sizes). ``base_quantum`` given (the engine's setting): the fixed old-style q0.
 3. Tail guard instead of a fixed starvation limit: a job that has waited (time since arrival not in
    a batch) longer than ``tail_slack * (served + ahead + wait_floor)`` (``ahead``: change 7) moves to
-   the tail class, which runs
-   before every queue, oldest arrival first, until the job ends. ``served`` is the time it spent in
+   the tail class until the job ends; its oldest job runs before every queue (change 8). ``served`` is the time it spent in
    batches; ``wait_floor`` = the 99th percentile (``FLOOR_QUANTILE``) of finished jobs' ``served``
    (before any finished: 32 full-batch decode steps). With the median as floor, bursts (cv4)
    promoted most jobs and the policy collapsed into FCFS: chat_a0.8/limited/cv4/0.9 went 4.1x the
@@ -86,14 +86,33 @@ Changed for issue 15 (one default parameter set; cells named mix/memory/arrival/
    ``served`` (p99 in 10 cells). Also tried inside a queue, none kept: jobs with KV on device first
    (p99 18 cells, swap 21), arrival order (worst average 2.29x the oracle, p99 17), most attained
    service first below Q0 (p99 17, swap 23; average 93 either way).
-Known limits (committed sweep, 120 cells at load <= 0.9): average JCT within 15% of the oracle in 93
-(worst 1.69x, bimodal/limited/poisson/0.9; bimodal with limited KV 1.4-1.7x, chat_a0.8 with limited
-KV 1.2-1.5x, where the long jobs share the scarce KV as processor sharing while the oracle finishes
-them one by one); p99 no worse than FCFS's in only 20 cells (worst 2.19x, chat_a2.0/limited/cv4/0.9,
-where the oracle's is 1.88x; long jobs wait behind short ones, as under the oracle, whose p99 meets
-FCFS's in only 24 cells); TTFT 5x below FCFS's in 28 of 90 cells at load >= 0.7, which is 28 of the
-57 where any policy could (elsewhere FCFS's TTFT is within 5x of every prefill run alone, the
-sweep's ``ttft_floor``); swap traffic within 1.5x FCFS's in 20 of 47 cells.
+8. Measured with the H200 cost model (``gen_trace.GPU``, fitted on the engine; the sweep's targets
+   at trace seeds 0 / 1 / 2 before -> after, 120 cells at load <= 0.9,
+   benchmarks/results/sweep_scheduler_seeds.json): three fixes to changes 3 and 6.
+   (a) The Gittins index where every observed job ends within the quantum (bimodal's long mode,
+   uniform 512-1024 tokens, past 483 tokens) was None, so the oldest queue inherited its parent's
+   index and FastServe's order held exactly where it is wrong; it is now 1 / the mean service left
+   (``gittins.gittins_curve``). (b) With (a) a queue near its end can outrank Q0, and the
+   summarisation mix's long prompts skip-joined into it jumped every new job while 4,000 tokens of
+   prefill were still ahead of their end: a job still prefilling is ranked by the Gittins index with
+   that known work first (``job_index``: max over y of (F(a) - F(y)) / (known F(a) + integral_a^y F)),
+   so it sorts below queues its decoding neighbours outrank; pinning Q0 first instead met fewer
+   cells (average 90 / 100 / 101, p99 18 / 12 / 9). (c) Only the oldest tail-class job (``TAIL_HEADS`` = 1) runs before every queue
+   and may take anyone's KV; later ones go first in the level they left: a burst had put up to 62
+   jobs in the tail class at once, which held the scarce KV and kept new short jobs out
+   (bimodal/limited/cv4/0.8: TTFT 1.34 s -> 0.08 s). Average within 15% of the oracle: 88 / 99 /
+   100 -> 99 / 102 / 103 cells ((a)+(b) alone: 93 / 102 / 103; (c) adds the six on seed 0); p99
+   no worse than FCFS's: 20 / 12 / 9 -> 26 / 17 / 22 (the oracle's own: 24 / 24 / 16); swap within
+   1.5x FCFS's: 25 / 21 / 23 -> 31 / 22 / 31 of 46; TTFT unchanged (30 / 32 / 27).
+   The counts in changes 1-7 were measured with the earlier, assumed GPU cost model.
+Known limits (committed sweep, seed 0, 120 cells at load <= 0.9): average JCT within 15% of the
+oracle in 99 (worst 1.44x, chat_a0.8/limited/cv4/0.9; the 20 others are chat_a0.8 and bimodal with
+limited KV, 1.2-1.4x still share the scarce KV while the oracle finishes them
+one by one); p99 no worse than FCFS's in 26 (worst 1.98x, chat_a2.0/limited/cv4/0.9, where the
+oracle's is 2.17x; in 96 cells the oracle's own p99 is above FCFS's: short-first order makes long
+jobs wait); TTFT 5x below FCFS's in 30 of 90 cells at load >= 0.7, which is all but 26 of the 56
+where any policy could (elsewhere FCFS's TTFT is within 5x of every prefill run alone, the
+sweep's ``ttft_floor``); swap traffic within 1.5x FCFS's in 31 of 46 cells.
 
 Service is charged from the cost model, so decisions are deterministic (same inputs, same plans:
 needed by multi-host lockstep and the simulator).
@@ -103,7 +122,7 @@ from __future__ import annotations
 import math
 
 from ferry.scheduler.cost_model import CostModel
-from ferry.scheduler.gittins import gittins_index, survival
+from ferry.scheduler.gittins import gittins_curve, index_from_curve, survival
 from ferry.scheduler.policy import Policy
 from ferry.scheduler.request_state import Job, State
 
@@ -115,6 +134,7 @@ EVICT_GAP = 2                # a job's KV makes room only for a job at least thi
 FLOOR_QUANTILE = 0.99        # tail-guard wait floor = this quantile of finished jobs' time in batches
 MIN_SEEN_FOR_ORDER = 16      # finished jobs before the queue order follows the observed distribution
 MIN_AT_RISK = 16             # jobs (finished or live) older than a queue's entry age needed to rank it
+TAIL_HEADS = 1               # oldest tail-class jobs served before every queue; the rest keep their level
 
 
 class SkipJoinMLFQ(Policy):
@@ -147,6 +167,9 @@ class SkipJoinMLFQ(Policy):
         self._seen = 0
         self.tail_promotions = 0
         self.queue_rank = list(range(num_queues))    # priority position of each queue (0 = served first)
+        self.queue_index: list[float] | None = None  # each queue's Gittins index once ranked (None: FastServe)
+        self.heads: set[str] = set()                  # tail-class jobs served first, as of the last order()
+        self.queue_curve: list = [None] * num_queues  # each queue's gittins_curve (job_index)
         self._rank_stale = False                     # re-rank at the next refresh (live jobs are censored data)
 
     # ------------------------------------------------------------------ derived parameters
@@ -190,22 +213,35 @@ class SkipJoinMLFQ(Policy):
     def rank_queues(self, live: list[Job]) -> list[int]:
         """Priority position of each queue: by the Gittins index at the queue's entry age (highest first,
         ties to the lower queue), from finished jobs' attained service with live jobs censored at theirs.
-        A queue with fewer than MIN_AT_RISK jobs observed past its entry age keeps the index of the one
-        above (ties keep FastServe's order)."""
+        A queue with fewer than MIN_AT_RISK jobs observed past its entry age keeps the index (and the
+        curve) of the one above (ties keep FastServe's order). Sets ``queue_curve`` for ``job_index``."""
         censored = [j.attained for j in live]
         steps = survival(self._attained_seen, censored)
-        index, prev = [], math.inf
+        curves, index, prev = [], [], (None, math.inf)
         for i in range(self.num_queues):
             age = self.q0 * (self.ratio ** i - 1) / (self.ratio - 1)
             at_risk = sum(x > age for x in self._attained_seen) + sum(x > age for x in censored)
-            g = gittins_index(steps, age, quantum=self.q0 * self.ratio ** i) if at_risk >= MIN_AT_RISK else None
-            prev = g if g is not None else prev
-            index.append(prev)
+            curve = gittins_curve(steps, age, quantum=self.q0 * self.ratio ** i) if at_risk >= MIN_AT_RISK else None
+            prev = (curve, index_from_curve(curve)) if curve is not None else prev
+            curves.append(prev[0])
+            index.append(prev[1])
+        self.queue_curve, self.queue_index = curves, index
         by_priority = sorted(range(self.num_queues), key=lambda i: (-index[i], i))
         rank = [0] * self.num_queues
         for pos, i in enumerate(by_priority):
             rank[i] = pos
         return rank
+
+    def job_index(self, job: Job, queue: int) -> float:
+        """A job's priority inside the queue order: its queue's Gittins index, lowered for a job still
+        prefilling by the known work ahead of any finish (``gittins.index_from_curve``); FastServe's
+        order (-queue) before the queues are ranked."""
+        if self.queue_index is None:
+            return -queue
+        left = self.prompt_left(job)
+        if left == 0 or self.queue_curve[queue] is None:
+            return self.queue_index[queue]
+        return index_from_curve(self.queue_curve[queue], self.cost.per_prefill_token * left)
 
     def service(self, job: Job) -> float:
         """What the quanta measure: own work (derived Q0) or, with a fixed ``base_quantum``, FastServe's
@@ -248,6 +284,7 @@ class SkipJoinMLFQ(Policy):
             if j.state == State.RUNNING or j.queue < 0:
                 continue
             if now - j.arrival - j.served > self.wait_bound(j):
+                j.tail_from = j.queue
                 j.queue, j.enqueued = -1, j.arrival          # tail class: above every queue, by arrival
                 self.tail_promotions += 1
                 self.promotions += 1
@@ -255,10 +292,22 @@ class SkipJoinMLFQ(Policy):
                 j.queue, j.enqueued, j.last_run = 0, now, now
                 self.promotions += 1
 
+    def tail_heads(self, jobs: list[Job]) -> set[str]:
+        """The TAIL_HEADS oldest tail-class jobs: served before every queue."""
+        tail = sorted((j for j in jobs if j.queue < 0), key=lambda j: (j.arrival, j.rid))
+        return {j.rid for j in tail[:TAIL_HEADS]}
+
     def order(self, jobs: list[Job]) -> list[Job]:
-        rank = self.queue_rank
-        return sorted(jobs, key=lambda j: (-j.priority, -1 if j.queue < 0 else rank[j.queue],
-                                           0 if j.queue < 0 else self.prompt_left(j), j.enqueued, j.arrival))
+        heads = self.heads = self.tail_heads(jobs)      # may_evict reads them during the same schedule
+
+        def key(j: Job):
+            if j.queue >= 0:
+                return (-j.priority, 0, -self.job_index(j, j.queue), j.queue, 0, self.prompt_left(j), j.enqueued,
+                        j.arrival)
+            if j.rid in heads:
+                return (-j.priority, -1, 0.0, 0, 0, 0, j.arrival, j.arrival)
+            return (-j.priority, 0, -self.job_index(j, j.tail_from), j.tail_from, -1, 0, j.arrival, j.arrival)
+        return sorted(jobs, key=key)
 
     @staticmethod
     def prompt_left(job: Job) -> int:
@@ -279,10 +328,15 @@ class SkipJoinMLFQ(Policy):
             self.demotions += 1
 
     def may_evict(self, victim: Job, for_job: Job) -> bool:
-        """Only a job at least EVICT_GAP queues lower loses its KV (the tail class may take anyone's)."""
-        if for_job.queue < 0:
+        """Only a job at least EVICT_GAP places lower in the queue order loses its KV; a tail-class head
+        may take anyone's, another tail-class job evicts as a job of the level it left, and tail-class
+        jobs keep theirs."""
+        if for_job.queue < 0 and for_job.rid in self.heads:
             return True
-        return victim.queue >= 0 and self.queue_rank[victim.queue] >= self.queue_rank[for_job.queue] + EVICT_GAP
+        if victim.queue < 0:
+            return False
+        mine = for_job.tail_from if for_job.queue < 0 else for_job.queue
+        return self.queue_rank[victim.queue] >= self.queue_rank[mine] + EVICT_GAP
 
     def queue_stats(self, waiting: list[Job]) -> dict[str, int]:
         counts = {f"waiting_q{i}": 0 for i in range(self.num_queues)}

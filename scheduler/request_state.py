@@ -38,7 +38,8 @@ class Job:
     host_pages: list[int] = dataclasses.field(default_factory=list)   # host pages while SWAPPED
     released: int = 0              # leading pages freed: outside the sliding window of every layer
                                    # (their block-table entries are the null page 0)
-    queue: int = 0                 # MLFQ level (0 = highest priority)
+    queue: int = 0                 # MLFQ level (0 = highest priority; -1: the tail class)
+    tail_from: int = 0             # MLFQ: the level it left for the tail class
     used: float = 0.0              # service the MLFQ quanta measure (seconds; see SkipJoinMLFQ.service)
     enqueued: float = 0.0          # when it entered its current queue (FCFS order inside a queue)
     last_run: float = 0.0          # last time it was in a batch (starvation guard)

@@ -6,23 +6,23 @@ import numpy as np
 import pytest
 
 from ferry.scheduler.cost_model import CostModel
-from ferry.scheduler.gittins import gittins_index, survival
+from ferry.scheduler.gittins import gittins_curve, gittins_index, index_from_curve, survival
 from ferry.scheduler.mlfq import SkipJoinMLFQ
 
 COST = CostModel(base=0.01, per_prefill_token=0.001, per_decode_row=0.001, per_context_token=0.0,
                  per_swap_page=0.0)
 
 
-def direct_index(samples, age, quantum=0.0):
+def direct_index(samples, age, quantum=0.0, known=0.0):
     """Definition on the empirical distribution: max over thresholds y >= age + quantum of
-    P(S <= y | S > age) / E[min(S, y) - age | S > age]."""
+    P(S <= y | S > age) / (known + E[min(S, y) - age | S > age])."""
     rest = np.sort(np.asarray([x for x in samples if x > age]))
     best = None
     for y in [age + quantum, *rest]:
         if y < age + quantum or y <= age or not np.any(rest <= y):
             continue
         p = np.mean(rest <= y)
-        e = np.mean(np.minimum(rest, y) - age)
+        e = known + np.mean(np.minimum(rest, y) - age)
         best = p / e if best is None else max(best, p / e)
     return best
 
@@ -37,6 +37,40 @@ def test_index_matches_the_definition_on_random_samples(draw):
             want = direct_index(samples, age, quantum)
             got = gittins_index(steps, age, quantum)
             assert (want is None and got is None) or got == pytest.approx(want, rel=1e-9)
+
+
+@pytest.mark.parametrize("draw", range(3))
+def test_index_when_every_job_ends_within_the_quantum(draw):
+    """Bounded sizes (a bimodal mix's long mode): past its start every job ends before the quantum
+    does, and the index is 1 / the mean service left (the threshold at the quantum's end). The sweep's
+    bimodal cells once got None here and kept FastServe's order for the oldest queues."""
+    rng = np.random.default_rng()
+    samples = list(rng.uniform(512, 1024, 100))
+    steps = survival(samples, [])
+    age = float(rng.uniform(100, 1000))
+    rest = [x - age for x in samples if x > age]
+    got = gittins_index(steps, age, quantum=2048.0)
+    assert got == pytest.approx(direct_index(samples, age, 2048.0), rel=1e-9)
+    assert got == pytest.approx(1.0 / np.mean(rest), rel=1e-9)
+    assert gittins_index(survival(samples, [2000.0]), age, quantum=2048.0) < got    # a censored job: F > 0 past the last event
+
+
+@pytest.mark.parametrize("draw", range(5))
+def test_index_with_known_work_first_matches_the_definition(draw):
+    """A job that must first spend ``known`` seconds (a prompt to prefill) before it can end: the upper
+    hull kept by gittins_curve gives the same maximum as every threshold; more known work, lower index."""
+    rng = np.random.default_rng()
+    samples = list(rng.pareto(1.2, 200) + rng.random(200)) if draw % 2 else list(rng.uniform(1, 3, 200))
+    steps = survival(samples, [])
+    age, quantum = float(rng.choice(samples)) * 0.5, float(rng.exponential(0.5))
+    curve = gittins_curve(steps, age, quantum)
+    assert len(curve[1]) <= len(steps)
+    last = None
+    for known in (0.0, *sorted(rng.exponential(2.0, 4))):
+        got = index_from_curve(curve, known)
+        assert got == pytest.approx(direct_index(samples, age, quantum, known), rel=1e-9)
+        assert last is None or got < last
+        last = got
 
 
 def test_kaplan_meier_with_censoring_matches_a_hand_computation():
@@ -90,3 +124,44 @@ def test_eviction_gap_follows_the_queue_order():
     assert m.may_evict(J(1), J(5))                           # queue 1 ranks 4 places below queue 5
     assert not m.may_evict(J(5), J(1))                       # the served-first queue keeps its KV
     assert not m.may_evict(J(4), J(5))                       # one place apart: no eviction
+
+
+def _job(rid, queue, arrival=0.0, prompt_len=8, computed=8):
+    from ferry.scheduler.request_state import Job
+    j = Job(rid, prompt_len, 64, arrival)
+    j.queue, j.num_computed, j.enqueued = queue, computed, arrival
+    return j
+
+
+def test_a_job_still_prefilling_ranks_by_the_work_it_must_do_first():
+    """Decoding jobs of a queue near its end (bimodal's old queue) outrank a middle queue's, but a job
+    that skip-joined the old queue with a long prompt still to prefill is ranked by the Gittins index
+    with that known work first, below the middle queue (the summarisation mix's long prompts once
+    jumped the queue this way)."""
+    rng = np.random.default_rng()
+    m = SkipJoinMLFQ(COST, max_batch=4)
+    _finished(m, list(rng.uniform(0.005, 0.05, 230)) + list(rng.uniform(0.5, 0.6, 26)))
+    m.refresh([], 0.0)
+    old = m.level(0.45)
+    assert m.queue_index[old] > m.queue_index[1]
+    decoding = _job("d", old, arrival=2.0)
+    prefilling = _job("p", old, arrival=1.0, prompt_len=1000, computed=0)   # 1 s of prefill first
+    middle = _job("m", 1, arrival=3.0)
+    assert [j.rid for j in m.order([middle, prefilling, decoding])] == ["d", "m", "p"]
+    prefilling.num_computed = 1000                            # prefill done: its queue's index again
+    assert [j.rid for j in m.order([middle, prefilling, decoding])] == ["p", "d", "m"]
+
+
+def test_only_the_oldest_tail_class_job_goes_before_every_queue():
+    """TAIL_HEADS = 1: the oldest tail-class job is first and may take anyone's KV; a younger one is
+    first only inside the level it left, and evicts by that level's gap (bursts once promoted many long
+    jobs at once, which held the scarce KV and kept new short jobs out)."""
+    m = SkipJoinMLFQ(COST, max_batch=4)
+    a, b = _job("a", 3, arrival=1.0), _job("b", 3, arrival=2.0)
+    for j in (a, b):
+        j.tail_from, j.queue = j.queue, -1
+    q0, q3 = _job("q0", 0, arrival=5.0), _job("q3", 3, arrival=0.5)
+    assert [j.rid for j in m.order([q0, q3, b, a])] == ["a", "q0", "b", "q3"]
+    assert m.may_evict(q0, a)                                 # the head takes anyone's KV
+    assert not m.may_evict(q0, b) and m.may_evict(_job("q5", 5), b)   # b evicts like a queue-3 job
+    assert not m.may_evict(b, q0)                             # tail-class jobs keep their KV
