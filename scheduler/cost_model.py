@@ -30,7 +30,7 @@ Fitted by least squares from a profiling run of the real engine
 (``scripts/profile_cost_model.py``; saved as JSON beside the model) or the
 CPU default (``CostModel.cpu_default()``: the field defaults and a decode base; SmolLM2-135M, f32, 2 cores: benchmarks/results/cost_model_cpu_2core.json,
 padded to that engine's buckets; the engine always pads by its own, ``EngineConfig.scheduler_config``). The simulator's "gpu" profile
-(``GPU`` in scripts/gen_trace.py) is assumed, not measured. The MLFQ uses it to predict a
+(``GPU`` in scripts/gen_trace.py) is the fit on an H200 (benchmarks/results/gpu/). The MLFQ uses it to predict a
 new job's prefill time (skip-join) and to charge service time, the simulator
 to advance its clock.
 """

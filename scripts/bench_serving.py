@@ -136,7 +136,7 @@ def main():
     ap.add_argument("--num-pages", type=int, default=None)
     ap.add_argument("--host-pages", type=int, default=None, help="default 4096; the real engine uses it only "
                                                                    "with --num-pages")
-    ap.add_argument("--cost-model", default=None, help="simulator only: gpu (assumed, not measured), cpu "
+    ap.add_argument("--cost-model", default=None, help="simulator only: gpu (fitted on an H200), cpu "
                                                        "(measured) or a fitted JSON file (default gpu)")
     ap.add_argument("--base-quantum", type=float, default=None, help="fixed Q0 seconds (default: derived)")
     ap.add_argument("--starve-limit", type=float, default=None, help="s without running -> Q0 (default: none)")

@@ -3,7 +3,7 @@
 usage: python scripts/sweep_scheduler.py [--smoke] [--jobs 800] [--seed 0] [--procs 2]
            [--output benchmarks/results/sweep_scheduler.json] [--plots benchmarks/results/sweep]
 Every cell uses the policies' DEFAULT parameters (one parameter set for all cells; the simulator's
-``SchedulerConfig`` defaults), the GPU-like cost model of ``gen_trace.py`` and max_batch 32.
+``SchedulerConfig`` defaults), the GPU cost model of ``gen_trace.py`` (fitted on an H200) and max_batch 32.
 Per cell: avg / p50 / p95 / p99 JCT, avg TTFT, swap pages per policy, the ratios MLFQ/FCFS and
 MLFQ/oracle, and the TTFT floor (every prefill alone: where FCFS is within 5x of it, no policy can
 be 5x faster; ``targets`` counts those cells apart, and the cells where the oracle's p99 meets
@@ -216,7 +216,7 @@ def main(argv=None):
     out = {"command": "python " + " ".join([os.path.relpath(__file__)] + list(argv if argv is not None else
                                                                               sys.argv[1:])),
            "machine": f"{platform.machine()} VM, {os.cpu_count()} CPU cores, no accelerator; discrete-event "
-                      f"simulator (pure Python), GPU-like cost model {dataclasses.asdict(GPU)}",
+                      f"simulator (pure Python), GPU cost model (H200 fit) {dataclasses.asdict(GPU)}",
            "python": platform.python_version(), "jobs_per_cell": jobs, "mlfq_overrides": mlfq, "seed": a.seed, "max_batch": MAX_BATCH,
            "page_size": PAGE, "chunk": CHUNK, "wall_s": round(time.perf_counter() - t0, 1),
            "targets": targets(rows), "cells": rows}
