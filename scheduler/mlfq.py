@@ -97,7 +97,15 @@ Changed for issue 15 (one default parameter set; cells named mix/memory/arrival/
    prefill were still ahead of their end: a job still prefilling is ranked by the Gittins index with
    that known work first (``job_index``: max over y of (F(a) - F(y)) / (known F(a) + integral_a^y F)),
    so it sorts below queues its decoding neighbours outrank; pinning Q0 first instead met fewer
-   cells (average 90 / 100 / 101, p99 18 / 12 / 9). (c) Only the oldest tail-class job (``TAIL_HEADS`` = 1) runs before every queue
+   cells (average 90 / 100 / 101, p99 18 / 12 / 9). The index takes the queue's curve at its entry
+   age, so for a job whose prefill ends inside the queue (every new job in Q0) the prefill is counted
+   twice: new jobs rank a little below decoding jobs of their queue's index. Counting it once
+   (known work = what the job lacks to reach the entry age: seed 0 average 95, p99 22, swap 21; or
+   the curve at the age its prefill leaves it: 95 / 22 / 23, chat_a2.0/limited/cv4/0.9 1.20x -> 1.77x
+   the oracle) met fewer cells: preempting decoding jobs for new ones costs swap under scarce KV.
+   It costs on the CPU model's 40-job bursty trace at batch 2 (prefill 2.5 ms a token): the
+   simulator's FCFS / MLFQ average JCT there went 1.07 -> 0.92 and TTFT 2.03 -> 1.16
+   (sim_bursty_cpu_40_like_engine.json). (c) Only the oldest tail-class job (``TAIL_HEADS`` = 1) runs before every queue
    and may take anyone's KV; later ones go first in the level they left: a burst had put up to 62
    jobs in the tail class at once, which held the scarce KV and kept new short jobs out
    (bimodal/limited/cv4/0.8: TTFT 1.34 s -> 0.08 s). Average within 15% of the oracle: 88 / 99 /
