@@ -46,7 +46,9 @@ Changed for issue 15 (one default parameter set; cells named mix/memory/arrival/
    still evict anyone (progress; found by the hypothesis page-accounting test). Any-rank eviction
    moved 1.40x FCFS's pages on chat_a0.8/limited/cv2/0.8 (0.90x with a gap of one queue); a gap of
    one still left chat_a1.2/limited/cv4/0.7 at 1.52x and bimodal/limited/cv2/0.8 at 1.61x, a gap
-   of two 1.22x and 1.48x, average JCT within 0.02x of the oracle ratio either way.
+   of two 1.22x and 1.48x, average JCT within 0.02x of the oracle ratio either way. With the H200
+   cost model and change 8, a gap of three traded average for tail (seeds 0 / 1 / 2: average -1 /
+   -2 / -1 cells, p99 +2 / +1 / +1, swap +2 / +3 / +1); two kept.
 5. Inside a queue, SRPT on the known part of the work: jobs with fewer prompt tokens left to prefill
    go first (jobs decoding have none left and keep FCFS among themselves). Prefill is one chunk per
    step, a single server, and the summarisation mix queues on it: summarise/ample/cv2/0.8 went from
