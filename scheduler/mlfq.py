@@ -107,9 +107,9 @@ Changed for issue 15 (one default parameter set; cells named mix/memory/arrival/
    the oracle) met fewer cells: preempting decoding jobs for new ones costs swap under scarce KV.
    It costs on the CPU model's 40-job bursty trace at batch 2 (prefill 2.5 ms a token): the
    simulator's FCFS / MLFQ average JCT there went 1.07 -> 0.92 and TTFT 2.03 -> 1.16
-   (sim_bursty_cpu_40_like_engine.json). (c) Only the oldest tail-class job (``TAIL_HEADS`` = 1) runs before every queue
-   and may take anyone's KV; later ones go first in the level they left: a burst had put up to 62
-   jobs in the tail class at once, which held the scarce KV and kept new short jobs out
+   (sim_bursty_cpu_40_like_engine.json). (c) Only the oldest tail-class job (``TAIL_HEADS`` = 1)
+   runs before every queue and may take anyone's KV; later ones go first in the level they left: a
+   burst had put up to 62 jobs in the tail class at once, which held the scarce KV and kept new short jobs out
    (bimodal/limited/cv4/0.8: TTFT 1.34 s -> 0.08 s). Average within 15% of the oracle: 88 / 99 /
    100 -> 99 / 102 / 103 cells ((a)+(b) alone: 93 / 102 / 103; (c) adds the six on seed 0); p99
    no worse than FCFS's: 20 / 12 / 9 -> 26 / 17 / 22 (the oracle's own: 24 / 24 / 16); swap within
@@ -117,10 +117,10 @@ Changed for issue 15 (one default parameter set; cells named mix/memory/arrival/
    The counts in changes 1-7 were measured with the earlier, assumed GPU cost model.
 Known limits (committed sweep, seed 0, 120 cells at load <= 0.9): average JCT within 15% of the
 oracle in 99 (worst 1.44x, chat_a0.8/limited/cv4/0.9; the 20 others are chat_a0.8 and bimodal with
-limited KV, 1.2-1.4x still share the scarce KV while the oracle finishes them
-one by one); p99 no worse than FCFS's in 26 (worst 1.98x, chat_a2.0/limited/cv4/0.9, where the
+limited KV, 1.2-1.4x, where the long jobs still share the scarce KV while the oracle finishes
+them one by one); p99 no worse than FCFS's in 26 (worst 1.98x, chat_a2.0/limited/cv4/0.9, where the
 oracle's is 2.17x; in 96 cells the oracle's own p99 is above FCFS's: short-first order makes long
-jobs wait); TTFT 5x below FCFS's in 30 of 90 cells at load >= 0.7, which is all but 26 of the 56
+jobs wait); TTFT 5x below FCFS's in 30 of 90 cells at load >= 0.7, which is 30 of the 56
 where any policy could (elsewhere FCFS's TTFT is within 5x of every prefill run alone, the
 sweep's ``ttft_floor``); swap traffic within 1.5x FCFS's in 31 of 46 cells.
 
