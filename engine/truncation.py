@@ -39,9 +39,11 @@ Candidate selection (``select``):
   tokens fell through to the full sort (208 ms instead of 36). XLA's GPU
   TopK kernel is for small k (a large k becomes a sort), hence this path there;
 * ``"sort"``: the full sort for every row (the baseline in benchmarks).
-``"auto"`` is top_k on CPU, compaction elsewhere. The GPU choice is not
-measured yet (no GPU in the sessions so far); ``scripts/bench_sampling.py``
-measures all three side by side.
+``"auto"`` is top_k on CPU, compaction elsewhere. On an H200 at batch 64 and
+vocabulary 128,256, compaction took 0.60-1.58 ms against top_k's 1.43-2.67 and
+the sort's 1.98-2.14 with a top-p, top-k or min-p filter, and about the same as
+both without one (benchmarks/results/gpu/sampling_nvidia_h200.json;
+``scripts/bench_sampling.py`` measures all three side by side).
 """
 from __future__ import annotations
 
