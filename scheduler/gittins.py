@@ -72,7 +72,7 @@ def _hull(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     """The (num, area) points that maximise num / (c + area) for some c >= 0: seen from (-c, 0), the
     upper-left concave hull starting at the best ratio for c = 0 (area ascending)."""
     best = max(points, key=lambda p: p[0] / p[1])
-    pts = sorted(p for p in set(points) if p[1] >= best[1] and p[0] >= best[0])
+    pts = [p for p in set(points) if p[1] >= best[1] and p[0] >= best[0]]
     hull: list[tuple[float, float]] = []
     for num, area in sorted(pts, key=lambda p: (p[1], -p[0])):
         if hull and num <= hull[-1][0]:

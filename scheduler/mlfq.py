@@ -178,7 +178,7 @@ class SkipJoinMLFQ(Policy):
         self.tail_promotions = 0
         self.queue_rank = list(range(num_queues))    # priority position of each queue (0 = served first)
         self.queue_index: list[float] | None = None  # each queue's Gittins index once ranked (None: FastServe)
-        self.heads: set[str] = set()                  # tail-class jobs served first, as of the last order()
+        self.heads: set[str] = set()                  # tail-class jobs served first, as of the last refresh()
         self.queue_curve: list = [None] * num_queues  # each queue's gittins_curve (job_index)
         self._rank_stale = False                     # re-rank at the next refresh (live jobs are censored data)
 
@@ -301,20 +301,15 @@ class SkipJoinMLFQ(Policy):
             elif self.starve_limit is not None and j.queue > 0 and now - j.last_run >= self.starve_limit:
                 j.queue, j.enqueued, j.last_run = 0, now, now
                 self.promotions += 1
-
-    def tail_heads(self, jobs: list[Job]) -> set[str]:
-        """The TAIL_HEADS oldest tail-class jobs: served before every queue."""
         tail = sorted((j for j in jobs if j.queue < 0), key=lambda j: (j.arrival, j.rid))
-        return {j.rid for j in tail[:TAIL_HEADS]}
+        self.heads = {j.rid for j in tail[:TAIL_HEADS]}   # the oldest: served before every queue
 
     def order(self, jobs: list[Job]) -> list[Job]:
-        heads = self.heads = self.tail_heads(jobs)      # may_evict reads them during the same schedule
-
         def key(j: Job):
             if j.queue >= 0:
                 return (-j.priority, 0, -self.job_index(j, j.queue), j.queue, 0, self.prompt_left(j), j.enqueued,
                         j.arrival)
-            if j.rid in heads:
+            if j.rid in self.heads:
                 return (-j.priority, -1, 0.0, 0, 0, 0, j.arrival, j.arrival)
             return (-j.priority, 0, -self.job_index(j, j.tail_from), j.tail_from, -1, 0, j.arrival, j.arrival)
         return sorted(jobs, key=key)

@@ -149,7 +149,7 @@ def copy_bandwidth(nbytes, iters, repeats):
     pass depends on the last; the buffer is far larger than the L2). The one copy-bandwidth
     measurement of the benchmarks (bench_decode's roofline uses it too)."""
     x = jnp.full((nbytes // 4,), 1.0, jnp.float32)
-    t, _ = loop_time(lambda i, x: copy_pass(i, x), x, (), iters, repeats, donate=True)
+    t, _ = loop_time(copy_pass, x, (), iters, repeats, donate=True)
     return 2 * nbytes / t
 
 

@@ -161,6 +161,7 @@ def test_only_the_oldest_tail_class_job_goes_before_every_queue():
     for j in (a, b):
         j.tail_from, j.queue = j.queue, -1
     q0, q3 = _job("q0", 0, arrival=5.0), _job("q3", 3, arrival=0.5)
+    m.refresh([q0, q3, b, a], 0.0)                            # picks the heads (nobody waited yet)
     assert [j.rid for j in m.order([q0, q3, b, a])] == ["a", "q0", "b", "q3"]
     assert m.may_evict(q0, a)                                 # the head takes anyone's KV
     assert not m.may_evict(q0, b) and m.may_evict(_job("q5", 5), b)   # b evicts like a queue-3 job
