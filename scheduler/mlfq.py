@@ -136,8 +136,9 @@ Changed for issue 15 (one default parameter set; cells named mix/memory/arrival/
 Known limits (committed sweep, seed 0, 120 cells at load <= 0.9): average JCT within 15% of the
 oracle in 99 (worst 1.41x, chat_a0.8/limited/cv4/0.9; the 21 misses all have limited KV, 1.15-1.41x:
 19 of chat_a0.8 and bimodal, one each of chat_a1.2 and chat_a2.0; a Pareto tail of
-index 0.8 gives too little signal to tell the long jobs apart, and even the true remaining output
-below Q0 leaves chat_a0.8/limited/cv4/0.9 at 1.16x); p99 no worse than FCFS's in 35 (worst 1.97x,
+index 0.8 gives too little signal to tell the long jobs apart: ordering the jobs below Q0 by arrival,
+most or least attained service instead gave 1.67x / 1.61x / 1.48x at chat_a0.8/limited/cv4/0.9, and
+even their true remaining output leaves it at 1.16x); p99 no worse than FCFS's in 35 (worst 1.97x,
 chat_a2.0/limited/cv4/0.9, where the oracle's is 2.17x; in 96 cells the oracle's own p99 is above
 FCFS's: short-first order makes long jobs wait); TTFT 5x below FCFS's in 30 of 90 cells at load >=
 0.7, which is 30 of the 56 where any policy could (elsewhere FCFS's TTFT is within 5x of every

@@ -34,13 +34,19 @@ class JobResult:
         return self.first_token - self.arrival
 
 
-def simulate(trace: list[dict], cfg: SchedulerConfig, check_every: int = 0) -> tuple[list[JobResult], dict]:
+def simulate(trace: list[dict], cfg: SchedulerConfig, check_every: int = 0,
+             time_scale: float = 1.0) -> tuple[list[JobResult], dict]:
     """Run ``trace`` (dicts with arrival, prompt_len, output_len) to completion.
 
     Returns per-job results (trace order) and the scheduler's final stats plus
     ``iterations`` and ``makespan``. ``check_every > 0`` verifies page ownership
-    invariants every that many iterations (tests).
+    invariants every that many iterations (tests). ``time_scale``: clock seconds per
+    cost-model second; the clock advances by ``time_scale`` x each plan's cost while the
+    scheduler still charges cost-model seconds, as the engine's does on a machine slower
+    (> 1) or faster than its cost model (``bench_serving.py --calibrate-to``).
     """
+    if time_scale <= 0:
+        raise ValueError("time_scale must be > 0")
     sched = Scheduler(cfg)
     jobs = sorted(range(len(trace)), key=lambda i: trace[i]["arrival"])
     out_len = {str(i): int(trace[i]["output_len"]) for i in range(len(trace))}
@@ -65,7 +71,7 @@ def simulate(trace: list[dict], cfg: SchedulerConfig, check_every: int = 0) -> t
                 now = max(now, float(trace[jobs[nxt]]["arrival"]))
             elif dt == 0.0:
                 raise RuntimeError("simulator: scheduler made no progress with no arrivals left")
-        now += dt
+        now += dt * time_scale
         finished, made = [], {}
         for w in plan.work:
             if w.sample:           # a multi-step decode dispatch makes up to decode_steps tokens per row

@@ -4,6 +4,7 @@ usage: python scripts/bench_serving.py --trace FILE --policy mlfq|fcfs|oracle|bo
            --output RESULT.json [--plot CDF.png]
   simulator knobs: --max-batch 32 --num-pages 400 --host-pages 4096 --page-size 16 --cost-model gpu|cpu|FILE
                    or --like-engine (the engine's own scheduler settings for --max-batch/--max-model-len)
+                   --time-scale S (clock seconds per cost-model second) or --calibrate-to ENGINE.json
   real engine:     --model (default: SmolLM2) --max-batch 8 --max-model-len 1024 --num-pages N ...
                    [--baseline-rev REV: the same replay with the engine at git revision REV, in the same run]
 Writes avg/p50/p95/p99 JCT, avg TTFT, throughput and the scheduler counters per policy; with
@@ -12,9 +13,13 @@ which knows every output length) every policy's ratios over FCFS and over the or
 ``--base-quantum``/``--starve-limit`` default to the derived values (scheduler/mlfq.py); give
 numbers for the old fixed-seconds MLFQ. Real mode forces exact output
 lengths (ignore_eos) and submits jobs at their trace arrival times (wall clock).
+``--calibrate-to ENGINE.json`` (simulator): the time scale at which the simulated FCFS average JCT
+equals that engine run's (one number fitted on the baseline), then every policy at that scale and,
+per metric, whether the simulator picks the same FCFS-vs-MLFQ winner as the engine (``agreement``).
 """
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -26,7 +31,7 @@ from ferry.scheduler.simulator import JobResult, simulate, summarize  # noqa: E4
 from ferry.scheduler.workload import read_jsonl  # noqa: E402
 
 
-def run_sim(trace, policy, a):
+def run_sim(trace, policy, a, time_scale=None, quiet=False):
     from gen_trace import cost_model
     if a.like_engine:                  # the engine's own scheduler settings for this batch and length
         import dataclasses
@@ -40,9 +45,31 @@ def run_sim(trace, policy, a):
                               num_host_pages=a.host_pages, policy=policy, cost_model=cost_model(a.cost_model),
                               base_quantum=a.base_quantum, starve_limit=a.starve_limit, tail_slack=a.tail_slack)
     t = time.perf_counter()
-    res, stats = simulate(trace, cfg)
-    print(f"  simulated {len(trace)} jobs in {time.perf_counter() - t:.1f} s", flush=True)
+    res, stats = simulate(trace, cfg, time_scale=a.time_scale if time_scale is None else time_scale)
+    if not quiet:
+        print(f"  simulated {len(trace)} jobs in {time.perf_counter() - t:.1f} s", flush=True)
     return res, stats
+
+
+def calibrate(trace, a, steps: int = 24) -> dict:
+    """The time scale (clock seconds per cost-model second, bisection on its log over [1/8, 8]) at
+    which the simulated FCFS average JCT equals the engine run's in ``a.calibrate_to``."""
+    with open(a.calibrate_to) as f:
+        engine = json.load(f)
+    if "fcfs" not in engine or engine.get("mode") != "engine":
+        raise SystemExit(f"--calibrate-to {a.calibrate_to}: needs a real-engine result with FCFS (--policy both)")
+    target = engine["fcfs"]["avg_jct"]
+    lo, hi = math.log(1 / 8), math.log(8)
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        res, _ = run_sim(trace, "fcfs", a, time_scale=math.exp(mid), quiet=True)
+        lo, hi = (mid, hi) if sum(r.jct for r in res) / len(res) < target else (lo, mid)
+    scale = math.exp((lo + hi) / 2)
+    res, _ = run_sim(trace, "fcfs", a, time_scale=scale, quiet=True)
+    sim = sum(r.jct for r in res) / len(res)
+    print(f"calibrated: time scale {scale:.3f} (simulated FCFS avg JCT {sim:.3f} s, engine {target:.3f} s)")
+    return {"engine_result": a.calibrate_to, "time_scale": scale, "engine_fcfs_avg_jct": target,
+            "sim_fcfs_avg_jct": sim, "engine_fcfs_over_mlfq": engine.get("fcfs_over_mlfq")}
 
 
 def run_real(trace, policy, a):
@@ -101,7 +128,8 @@ def plot(results, path):
     fig.savefig(path, dpi=120)
 
 
-_SIM_ONLY = {"chunk": 256, "page_size": 16, "cost_model": "gpu"}   # flags the real engine mode does not use
+_SIM_ONLY = {"chunk": 256, "page_size": 16, "cost_model": "gpu", "time_scale": 1.0,   # flags the real engine
+             "calibrate_to": None}                                                     # mode does not use
 
 
 def _refuse_ignored_flags(ap, a):
@@ -145,12 +173,23 @@ def main():
                     help="simulator: the scheduler settings the real engine derives for --max-batch/--max-model-len "
                          "(its CPU cost model padded to its buckets, its chunk and step size); no --cost-model, "
                          "--chunk or --page-size")
+    ap.add_argument("--time-scale", type=float, default=None,
+                    help="simulator: clock seconds per cost-model second (default 1; the scheduler still charges "
+                         "cost-model seconds, as the engine's does)")
+    ap.add_argument("--calibrate-to", default=None,
+                    help="simulator: fit --time-scale so FCFS's average JCT equals this real-engine result's")
     ap.add_argument("--baseline-rev", default=None, help="real engine: also replay the trace with the engine "
                                                          "at this git revision (a worktree), in the same run")
     a = ap.parse_args()
     if a.like_engine and (not a.simulate or a.cost_model or a.chunk or a.page_size):
         ap.error("--like-engine needs --simulate and takes the engine's cost model, chunk and page size")
     _refuse_ignored_flags(ap, a)
+    if a.like_engine:
+        a.cost_model = "the engine's (--like-engine)"      # recorded in the result, not the simulator default
+    if a.calibrate_to and a.time_scale != 1.0:
+        ap.error("--calibrate-to fits the time scale: no --time-scale with it")
+    if a.time_scale is not None and a.time_scale <= 0:
+        ap.error("--time-scale must be > 0")
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     trace = read_jsonl(a.trace)
     if a.simulate and a.num_pages is None:
@@ -161,6 +200,9 @@ def main():
     out = {"trace": os.path.basename(a.trace), "jobs": len(trace), "mode": "simulate" if a.simulate else "engine",
            "config": {k: v for k, v in vars(a).items() if k not in ("trace", "output", "plot")
                       and (a.simulate or k not in _SIM_ONLY)}}
+    if a.simulate and a.calibrate_to:
+        out["calibration"] = calibrate(trace, a)
+        a.time_scale = out["config"]["time_scale"] = out["calibration"]["time_scale"]
     raw = {}
     for pol in policies:
         print(f"{pol}:", flush=True)
@@ -181,6 +223,12 @@ def main():
         out["fcfs_over_mlfq"] = {k: f[k] / m[k] for k in ("avg_jct", "p50_jct", "p95_jct", "p99_jct", "avg_ttft")
                                  if m[k] > 0}
         print("FCFS / MLFQ:", {k: round(v, 2) for k, v in out["fcfs_over_mlfq"].items()})
+        eng = out.get("calibration", {}).get("engine_fcfs_over_mlfq")
+        if eng:
+            out["agreement"] = {k: {"engine": eng[k], "simulator": v, "same_winner": (eng[k] > 1) == (v > 1)}
+                                for k, v in out["fcfs_over_mlfq"].items() if k in eng}
+            print("same FCFS-vs-MLFQ winner as the engine:",
+                  {k: r["same_winner"] for k, r in out["agreement"].items()})
     out["command"] = "python scripts/bench_serving.py " + " ".join(sys.argv[1:])
     from results_io import machine
     out["machine"] = machine()

@@ -216,3 +216,43 @@ def test_multi_step_decode_credits_every_token_of_the_dispatch():
     assert s1["iterations"] == 43 and s8["iterations"] == 1 + 6          # prefill, then 42 tokens in 6 dispatches
     assert eight[0].jct == pytest.approx(one[0].jct, rel=0.02)
     assert s8["device_pages_used"] == 0                                   # released at its 43rd token
+
+
+def test_time_scale_stretches_the_clock_not_the_schedule():
+    """All jobs at t=0 under FCFS: the plans do not depend on the clock, so every JCT doubles at
+    time_scale 2; with arrivals spread over time the scaled run is not a plain stretch."""
+    rng = np.random.default_rng()
+    trace = [{"arrival": 0.0, "prompt_len": int(rng.integers(4, 200)), "output_len": int(rng.integers(1, 60))}
+             for _ in range(30)]
+    one, _ = simulate(trace, _cfg("fcfs"))
+    two, _ = simulate(trace, _cfg("fcfs"), time_scale=2.0)
+    assert [b.jct for b in two] == pytest.approx([2 * a.jct for a in one])
+    spread = generate(80, load=0.9, arrival="gamma", cv=2.0, max_batch=16, cost=GPU, seed=int(rng.integers(1 << 30)))
+    one, _ = simulate(spread, _cfg("fcfs"))
+    two, _ = simulate(spread, _cfg("fcfs"), time_scale=2.0)
+    assert np.mean([b.jct for b in two]) > 2.05 * np.mean([a.jct for a in one])   # queues grow: load 1.8
+    with pytest.raises(ValueError):
+        simulate(trace, _cfg("fcfs"), time_scale=0.0)
+
+
+def test_bench_serving_calibration_recovers_a_known_time_scale(tmp_path):
+    """A simulated run at time scale 1.7 posing as an engine result: --calibrate-to finds 1.7 and the
+    same winner on every metric; engine mode refuses the simulator-only flag."""
+    trace, fake, out = tmp_path / "t.jsonl", tmp_path / "engine.json", tmp_path / "r.json"
+    write_jsonl(str(trace), generate(100, load=0.7, arrival="gamma", cv=2.0, alpha=0.9, out_max=512, max_batch=8,
+                                     cost=GPU, seed=3))
+    common = [sys.executable, os.path.join(ROOT, "scripts", "bench_serving.py"), "--trace", str(trace),
+              "--policy", "both", "--max-batch", "8"]
+    subprocess.run(common + ["--simulate", "--num-pages", "300", "--time-scale", "1.7", "--output", str(fake)],
+                   check=True, capture_output=True)
+    r = json.loads(fake.read_text())
+    r["mode"] = "engine"
+    fake.write_text(json.dumps(r))
+    subprocess.run(common + ["--simulate", "--num-pages", "300", "--calibrate-to", str(fake), "--output", str(out)],
+                   check=True, capture_output=True)
+    c = json.loads(out.read_text())
+    assert c["calibration"]["time_scale"] == pytest.approx(1.7, rel=0.02)
+    assert c["config"]["time_scale"] == c["calibration"]["time_scale"]
+    assert all(v["same_winner"] for v in c["agreement"].values()) and len(c["agreement"]) == 5
+    real = subprocess.run(common + ["--calibrate-to", str(fake), "--output", str(out)], capture_output=True, text=True)
+    assert real.returncode != 0 and "--calibrate-to" in real.stderr
