@@ -7,6 +7,7 @@ usage: python scripts/bench_serving.py --trace FILE --policy mlfq|fcfs|oracle|bo
                    --time-scale S (clock seconds per cost-model second) or --calibrate-to ENGINE.json
   real engine:     --model (default: SmolLM2) --max-batch 8 --max-model-len 1024 --num-pages N ...
                    [--baseline-rev REV: the same replay with the engine at git revision REV, in the same run]
+                   [--repeats N: every policy N times, interleaved, a fresh engine each time]
 Writes avg/p50/p95/p99 JCT, avg TTFT, throughput and the scheduler counters per policy; with
 ``both`` (FCFS + MLFQ) also the FCFS/MLFQ ratios; with ``all`` (simulator only: adds the oracle SRPT,
 which knows every output length) every policy's ratios over FCFS and over the oracle.
@@ -15,7 +16,9 @@ numbers for the old fixed-seconds MLFQ. Real mode forces exact output
 lengths (ignore_eos) and submits jobs at their trace arrival times (wall clock).
 ``--calibrate-to ENGINE.json`` (simulator): the time scale at which the simulated FCFS average JCT
 equals that engine run's (one number fitted on the baseline), then every policy at that scale and,
-per metric, whether the simulator picks the same FCFS-vs-MLFQ winner as the engine (``agreement``).
+per metric, whether the simulator picks the same FCFS-vs-MLFQ winner as the engine (``agreement``;
+with an engine result of ``--repeats`` N > 1 also whether the simulator's ratio lies within the
+engine's runs).
 """
 import argparse
 import json
@@ -69,7 +72,13 @@ def calibrate(trace, a, steps: int = 24) -> dict:
     sim = sum(r.jct for r in res) / len(res)
     print(f"calibrated: time scale {scale:.3f} (simulated FCFS avg JCT {sim:.3f} s, engine {target:.3f} s)")
     return {"engine_result": a.calibrate_to, "time_scale": scale, "engine_fcfs_avg_jct": target,
-            "sim_fcfs_avg_jct": sim, "engine_fcfs_over_mlfq": engine.get("fcfs_over_mlfq")}
+            "sim_fcfs_avg_jct": sim, "engine_fcfs_over_mlfq": engine.get("fcfs_over_mlfq"),
+            "engine_fcfs_over_mlfq_runs": engine.get("fcfs_over_mlfq_runs")}
+
+
+def mean_summary(runs: list[dict]) -> dict:
+    """Each statistic's mean over runs (percentiles too: the mean of the runs' p99, not a pooled p99)."""
+    return {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]}
 
 
 def run_real(trace, policy, a):
@@ -178,6 +187,9 @@ def main():
                          "cost-model seconds, as the engine's does)")
     ap.add_argument("--calibrate-to", default=None,
                     help="simulator: fit --time-scale so FCFS's average JCT equals this real-engine result's")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="real engine: replay every policy N times, interleaved (fcfs, mlfq, fcfs, ...), a fresh "
+                         "engine each time; each policy's statistics are the means over runs, every run under 'runs'")
     ap.add_argument("--baseline-rev", default=None, help="real engine: also replay the trace with the engine "
                                                          "at this git revision (a worktree), in the same run")
     a = ap.parse_args()
@@ -190,6 +202,9 @@ def main():
         ap.error("--calibrate-to fits the time scale: no --time-scale with it")
     if a.time_scale is not None and a.time_scale <= 0:
         ap.error("--time-scale must be > 0")
+    if a.repeats < 1 or (a.repeats > 1 and (a.simulate or a.baseline_rev)):
+        ap.error("--repeats needs N >= 1; N > 1 only for the real engine (the simulator is deterministic), "
+                 "not with --baseline-rev")
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     trace = read_jsonl(a.trace)
     if a.simulate and a.num_pages is None:
@@ -203,15 +218,20 @@ def main():
     if a.simulate and a.calibrate_to:
         out["calibration"] = calibrate(trace, a)
         a.time_scale = out["config"]["time_scale"] = out["calibration"]["time_scale"]
-    raw = {}
+    raw, runs = {}, {p: [] for p in policies}
+    for r in range(a.repeats):
+        for pol in policies:
+            print(f"{pol}" + (f" (run {r + 1} of {a.repeats})" if a.repeats > 1 else "") + ":", flush=True)
+            res, stats = (run_sim if a.simulate else run_real)(trace, pol, a)
+            raw[pol] = res
+            s = summarize(res, stats)
+            runs[pol].append(s)
+            print(f"  avg JCT {s['avg_jct']:.3f} s  p50 {s['p50_jct']:.3f}  p95 {s['p95_jct']:.3f}  "
+                  f"p99 {s['p99_jct']:.3f}  TTFT {s['avg_ttft']:.3f}  {s['throughput_tok_s']:.1f} tok/s", flush=True)
     for pol in policies:
-        print(f"{pol}:", flush=True)
-        res, stats = (run_sim if a.simulate else run_real)(trace, pol, a)
-        raw[pol] = res
-        out[pol] = summarize(res, stats)
-        s = out[pol]
-        print(f"  avg JCT {s['avg_jct']:.3f} s  p50 {s['p50_jct']:.3f}  p95 {s['p95_jct']:.3f}  p99 {s['p99_jct']:.3f}"
-              f"  TTFT {s['avg_ttft']:.3f}  {s['throughput_tok_s']:.1f} tok/s", flush=True)
+        out[pol] = runs[pol][0] if a.repeats == 1 else mean_summary(runs[pol])
+    if a.repeats > 1:
+        out["runs"] = runs
     keys = ("avg_jct", "p50_jct", "p95_jct", "p99_jct", "avg_ttft")
     for ref in ("fcfs", "oracle"):
         if ref in policies and len(policies) == 3:
@@ -223,12 +243,27 @@ def main():
         out["fcfs_over_mlfq"] = {k: f[k] / m[k] for k in ("avg_jct", "p50_jct", "p95_jct", "p99_jct", "avg_ttft")
                                  if m[k] > 0}
         print("FCFS / MLFQ:", {k: round(v, 2) for k, v in out["fcfs_over_mlfq"].items()})
-        eng = out.get("calibration", {}).get("engine_fcfs_over_mlfq")
-        if eng:
-            out["agreement"] = {k: {"engine": eng[k], "simulator": v, "same_winner": (eng[k] > 1) == (v > 1)}
-                                for k, v in out["fcfs_over_mlfq"].items() if k in eng}
+        if a.repeats > 1:
+            out["fcfs_over_mlfq_runs"] = [{k: f[k] / m[k] for k in keys if m[k] > 0}
+                                          for f, m in zip(runs["fcfs"], runs["mlfq"])]
+            print("FCFS / MLFQ per run:", [{k: round(v, 2) for k, v in r.items()} for r in out["fcfs_over_mlfq_runs"]])
+        cal = out.get("calibration", {})
+        if cal.get("engine_fcfs_over_mlfq"):
+            eng, per_run = cal["engine_fcfs_over_mlfq"], cal.get("engine_fcfs_over_mlfq_runs")
+            out["agreement"] = {}
+            for k, v in out["fcfs_over_mlfq"].items():
+                if k not in eng:
+                    continue
+                row = {"engine": eng[k], "simulator": v, "same_winner": (eng[k] > 1) == (v > 1)}
+                if per_run:
+                    lo, hi = min(r[k] for r in per_run), max(r[k] for r in per_run)
+                    row.update(engine_runs_min=lo, engine_runs_max=hi, within_engine_runs=lo <= v <= hi)
+                out["agreement"][k] = row
             print("same FCFS-vs-MLFQ winner as the engine:",
                   {k: r["same_winner"] for k, r in out["agreement"].items()})
+            if per_run:
+                print("simulator within the engine's runs:",
+                      {k: r["within_engine_runs"] for k, r in out["agreement"].items()})
     out["command"] = "python scripts/bench_serving.py " + " ".join(sys.argv[1:])
     from results_io import machine
     out["machine"] = machine()

@@ -256,3 +256,24 @@ def test_bench_serving_calibration_recovers_a_known_time_scale(tmp_path):
     assert all(v["same_winner"] for v in c["agreement"].values()) and len(c["agreement"]) == 5
     real = subprocess.run(common + ["--calibrate-to", str(fake), "--output", str(out)], capture_output=True, text=True)
     assert real.returncode != 0 and "--calibrate-to" in real.stderr
+    # An engine result of --repeats: the simulator's ratio is inside the runs' range or not.
+    ratios = r["fcfs_over_mlfq"]
+    for scale, inside in (((0.9, 1.1), True), ((1.2, 1.3), False)):
+        r["fcfs_over_mlfq_runs"] = [{k: v * f for k, v in ratios.items()} for f in scale]
+        fake.write_text(json.dumps(r))
+        subprocess.run(common + ["--simulate", "--num-pages", "300", "--calibrate-to", str(fake), "--output",
+                                 str(out)], check=True, capture_output=True)
+        agree = json.loads(out.read_text())["agreement"]
+        assert all(v["within_engine_runs"] is inside for v in agree.values())
+    sim = subprocess.run(common + ["--simulate", "--repeats", "2", "--output", str(out)], capture_output=True, text=True)
+    assert sim.returncode != 0 and "deterministic" in sim.stderr
+
+
+def test_mean_summary_averages_each_statistic_over_runs():
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    from bench_serving import mean_summary
+    rng = np.random.default_rng()
+    runs = [{"avg_jct": float(x), "p99_jct": float(y), "jobs": 10} for x, y in rng.uniform(1, 9, (3, 2))]
+    m = mean_summary(runs)
+    assert m["avg_jct"] == pytest.approx(np.mean([r["avg_jct"] for r in runs]))
+    assert m["p99_jct"] == pytest.approx(np.mean([r["p99_jct"] for r in runs])) and m["jobs"] == 10
