@@ -61,5 +61,13 @@ class Plan:
         return tuple(w for w in self.work if not (w.num_tokens == 1 and w.sample))
 
     @property
+    def kind(self) -> str:
+        """The kind of dispatch the engine runs for it: "ragged" (prefill chunks, decode rows beside
+        them or not), "decode_k1" (decode rows, one iteration) or "decode_multi" (decode_steps > 1)."""
+        if self.prefill_items:
+            return "ragged"
+        return "decode_k1" if self.decode_steps == 1 else "decode_multi"
+
+    @property
     def is_empty(self) -> bool:
         return not (self.work or self.swap_out or self.swap_in)

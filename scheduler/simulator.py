@@ -34,19 +34,36 @@ class JobResult:
         return self.first_token - self.arrival
 
 
+@dataclasses.dataclass(frozen=True)
+class ClockScale:
+    """Clock seconds per cost-model second, by ``Plan.kind``: the engine's measured speed relative to
+    its cost model (``bench_serving.py --calibrate-to``). The scheduler still charges cost-model
+    seconds, as the engine's does."""
+    ragged: float = 1.0
+    decode_k1: float = 1.0
+    decode_multi: float = 1.0
+
+    def __post_init__(self) -> None:
+        if min(self.ragged, self.decode_k1, self.decode_multi) <= 0:
+            raise ValueError("clock scales must be > 0")
+
+    @classmethod
+    def uniform(cls, scale: float) -> "ClockScale":
+        return cls(scale, scale, scale)
+
+
 def simulate(trace: list[dict], cfg: SchedulerConfig, check_every: int = 0,
-             time_scale: float = 1.0) -> tuple[list[JobResult], dict]:
+             time_scale: float | ClockScale = 1.0) -> tuple[list[JobResult], dict]:
     """Run ``trace`` (dicts with arrival, prompt_len, output_len) to completion.
 
     Returns per-job results (trace order) and the scheduler's final stats plus
     ``iterations`` and ``makespan``. ``check_every > 0`` verifies page ownership
     invariants every that many iterations (tests). ``time_scale``: clock seconds per
-    cost-model second; the clock advances by ``time_scale`` x each plan's cost while the
-    scheduler still charges cost-model seconds, as the engine's does on a machine slower
-    (> 1) or faster than its cost model (``bench_serving.py --calibrate-to``).
+    cost-model second, one number or per kind of dispatch (``ClockScale``); the clock
+    advances by it x each plan's cost, as on a machine slower (> 1) or faster than the
+    cost model.
     """
-    if time_scale <= 0:
-        raise ValueError("time_scale must be > 0")
+    clock = time_scale if isinstance(time_scale, ClockScale) else ClockScale.uniform(time_scale)
     sched = Scheduler(cfg)
     jobs = sorted(range(len(trace)), key=lambda i: trace[i]["arrival"])
     out_len = {str(i): int(trace[i]["output_len"]) for i in range(len(trace))}
@@ -71,7 +88,7 @@ def simulate(trace: list[dict], cfg: SchedulerConfig, check_every: int = 0,
                 now = max(now, float(trace[jobs[nxt]]["arrival"]))
             elif dt == 0.0:
                 raise RuntimeError("simulator: scheduler made no progress with no arrivals left")
-        now += dt * time_scale
+        now += dt * getattr(clock, plan.kind)       # (page moves alone: the decode_k1 scale)
         finished, made = [], {}
         for w in plan.work:
             if w.sample:           # a multi-step decode dispatch makes up to decode_steps tokens per row

@@ -21,6 +21,7 @@ with an engine result of ``--repeats`` N > 1 also whether the simulator's ratio 
 engine's runs).
 """
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -30,14 +31,13 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ferry.scheduler.scheduler import SchedulerConfig  # noqa: E402
-from ferry.scheduler.simulator import JobResult, simulate, summarize  # noqa: E402
+from ferry.scheduler.simulator import ClockScale, JobResult, simulate, summarize  # noqa: E402
 from ferry.scheduler.workload import read_jsonl  # noqa: E402
 
 
 def run_sim(trace, policy, a, time_scale=None, quiet=False):
     from gen_trace import cost_model
     if a.like_engine:                  # the engine's own scheduler settings for this batch and length
-        import dataclasses
         from ferry.engine.config import EngineConfig
         eng = EngineConfig(max_batch=a.max_batch, max_model_len=a.max_model_len)
         cfg = dataclasses.replace(eng.scheduler_config(a.num_pages, a.host_pages), policy=policy,
@@ -54,31 +54,59 @@ def run_sim(trace, policy, a, time_scale=None, quiet=False):
     return res, stats
 
 
+def fcfs_dispatch_ratios(engine: dict) -> dict | None:
+    """Wall over cost-model seconds per kind of dispatch in an engine result's FCFS runs (all runs pooled);
+    None when the result has no dispatch profile (older results) or a kind never ran."""
+    runs = engine.get("runs", {}).get("fcfs") or [engine["fcfs"]]
+    if any("dispatches" not in r for r in runs):
+        return None
+    total = {}
+    for r in runs:
+        for kind, p in r["dispatches"].items():
+            t = total.setdefault(kind, [0.0, 0.0])
+            t[0], t[1] = t[0] + p["wall_s"], t[1] + p["model_s"]
+    kinds = [f.name for f in dataclasses.fields(ClockScale)]
+    if any(k not in total or total[k][1] <= 0 for k in kinds):
+        return None
+    return {k: total[k][0] / total[k][1] for k in kinds}
+
+
 def calibrate(trace, a, steps: int = 24) -> dict:
-    """The time scale (clock seconds per cost-model second, bisection on its log over [1/8, 8]) at
-    which the simulated FCFS average JCT equals the engine run's in ``a.calibrate_to``."""
+    """The simulator's clock fitted to the engine run in ``a.calibrate_to``: one factor f (bisection on
+    its log over [1/8, 8]) at which the simulated FCFS average JCT equals the engine's, times each kind
+    of dispatch's measured wall / cost-model ratio in the engine's FCFS runs (unless ``--uniform-clock``
+    or the result has no dispatch profile: then f alone). Fitted on FCFS only: MLFQ is the prediction."""
     with open(a.calibrate_to) as f:
         engine = json.load(f)
     if "fcfs" not in engine or engine.get("mode") != "engine":
         raise SystemExit(f"--calibrate-to {a.calibrate_to}: needs a real-engine result with FCFS (--policy both)")
     target = engine["fcfs"]["avg_jct"]
+    ratios = None if a.uniform_clock else fcfs_dispatch_ratios(engine)
+    shape = ClockScale(**ratios) if ratios else ClockScale()
+
+    def clock(factor: float) -> ClockScale:
+        return ClockScale(*(factor * getattr(shape, f.name) for f in dataclasses.fields(ClockScale)))
+
     lo, hi = math.log(1 / 8), math.log(8)
     for _ in range(steps):
         mid = (lo + hi) / 2
-        res, _ = run_sim(trace, "fcfs", a, time_scale=math.exp(mid), quiet=True)
+        res, _ = run_sim(trace, "fcfs", a, time_scale=clock(math.exp(mid)), quiet=True)
         lo, hi = (mid, hi) if sum(r.jct for r in res) / len(res) < target else (lo, mid)
-    scale = math.exp((lo + hi) / 2)
-    res, _ = run_sim(trace, "fcfs", a, time_scale=scale, quiet=True)
+    factor = math.exp((lo + hi) / 2)
+    res, _ = run_sim(trace, "fcfs", a, time_scale=clock(factor), quiet=True)
     sim = sum(r.jct for r in res) / len(res)
-    print(f"calibrated: time scale {scale:.3f} (simulated FCFS avg JCT {sim:.3f} s, engine {target:.3f} s)")
-    return {"engine_result": a.calibrate_to, "time_scale": scale, "engine_fcfs_avg_jct": target,
-            "sim_fcfs_avg_jct": sim, "engine_fcfs_over_mlfq": engine.get("fcfs_over_mlfq"),
+    print(f"calibrated: clock {dataclasses.asdict(clock(factor))} (simulated FCFS avg JCT {sim:.3f} s, "
+          f"engine {target:.3f} s)")
+    return {"engine_result": a.calibrate_to, "by_dispatch_kind": ratios is not None, "factor": factor,
+            "engine_dispatch_ratios": ratios, "clock": dataclasses.asdict(clock(factor)),
+            "engine_fcfs_avg_jct": target, "sim_fcfs_avg_jct": sim,
+            "engine_fcfs_over_mlfq": engine.get("fcfs_over_mlfq"),
             "engine_fcfs_over_mlfq_runs": engine.get("fcfs_over_mlfq_runs")}
 
 
 def mean_summary(runs: list[dict]) -> dict:
     """Each statistic's mean over runs (percentiles too: the mean of the runs' p99, not a pooled p99)."""
-    return {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]}
+    return {k: sum(r[k] for r in runs) / len(runs) for k in runs[0] if isinstance(runs[0][k], (int, float))}
 
 
 def run_real(trace, policy, a):
@@ -91,10 +119,51 @@ def run_real(trace, policy, a):
     if a.num_pages:
         kw.update(num_pages=a.num_pages, num_host_pages=a.host_pages)
     llm = LLM(a.model, **kw)
+    log = dispatch_log(llm.engine)
     rows = llm.replay(trace)
     res = [JobResult(j["arrival"], r["first_token"], r["finish"], j["prompt_len"], j["output_len"])
            for j, r in zip(trace, rows)]
-    return res, llm.engine.stats()
+    stats = dict(llm.engine.stats())
+    stats["dispatches"] = dispatch_profile(log)
+    return res, stats
+
+
+def dispatch_log(engine) -> list[dict]:
+    """Log every dispatch of ``engine`` (wraps its ``step``): the plan's kind, its cost-model seconds
+    (what the simulator charges) and ``wall_s``, the wall time of the NEXT step call: with dispatch-ahead
+    a step blocks reading the previous dispatch, so that call lasts about as long as this dispatch
+    (plus the host work of planning the next)."""
+    log, inner = [], engine.step
+
+    def step(*args, **kw):
+        t, before = time.perf_counter(), engine.last_plan
+        out = inner(*args, **kw)
+        wall = time.perf_counter() - t
+        if log and "wall_s" not in log[-1]:
+            log[-1]["wall_s"] = wall
+        plan = engine.last_plan
+        if plan is not None and plan is not before and plan.work:
+            log.append({"kind": plan.kind, "model_s": engine.scheduler.last_iteration_cost})
+        return out
+
+    engine.step = step
+    return log
+
+
+def dispatch_profile(log: list[dict]) -> dict:
+    """Per kind of dispatch: how many, cost-model seconds, measured seconds and their ratio (the
+    engine's speed relative to the cost model, by kind: where the simulator's clock is off)."""
+    prof = {}
+    for row in log:
+        if "wall_s" not in row:
+            continue
+        p = prof.setdefault(row["kind"], {"dispatches": 0, "model_s": 0.0, "wall_s": 0.0})
+        p["dispatches"] += 1
+        p["model_s"] += row["model_s"]
+        p["wall_s"] += row["wall_s"]
+    for p in prof.values():
+        p["wall_over_model"] = p["wall_s"] / p["model_s"] if p["model_s"] > 0 else None
+    return prof
 
 
 def run_baseline(a, policies):
@@ -138,7 +207,7 @@ def plot(results, path):
 
 
 _SIM_ONLY = {"chunk": 256, "page_size": 16, "cost_model": "gpu", "time_scale": 1.0,   # flags the real engine
-             "calibrate_to": None}                                                     # mode does not use
+             "calibrate_to": None, "uniform_clock": None}                              # mode does not use
 
 
 def _refuse_ignored_flags(ap, a):
@@ -187,6 +256,8 @@ def main():
                          "cost-model seconds, as the engine's does)")
     ap.add_argument("--calibrate-to", default=None,
                     help="simulator: fit --time-scale so FCFS's average JCT equals this real-engine result's")
+    ap.add_argument("--uniform-clock", action="store_true", default=None,
+                    help="with --calibrate-to: fit one time scale even when the engine result has a dispatch profile")
     ap.add_argument("--repeats", type=int, default=1,
                     help="real engine: replay every policy N times, interleaved (fcfs, mlfq, fcfs, ...), a fresh "
                          "engine each time; each policy's statistics are the means over runs, every run under 'runs'")
@@ -217,7 +288,8 @@ def main():
                       and (a.simulate or k not in _SIM_ONLY)}}
     if a.simulate and a.calibrate_to:
         out["calibration"] = calibrate(trace, a)
-        a.time_scale = out["config"]["time_scale"] = out["calibration"]["time_scale"]
+        a.time_scale = ClockScale(**out["calibration"]["clock"])
+        out["config"]["time_scale"] = out["calibration"]["clock"]
     raw, runs = {}, {p: [] for p in policies}
     for r in range(a.repeats):
         for pol in policies:
@@ -225,6 +297,8 @@ def main():
             res, stats = (run_sim if a.simulate else run_real)(trace, pol, a)
             raw[pol] = res
             s = summarize(res, stats)
+            if "dispatches" in stats:
+                s["dispatches"] = stats["dispatches"]
             runs[pol].append(s)
             print(f"  avg JCT {s['avg_jct']:.3f} s  p50 {s['p50_jct']:.3f}  p95 {s['p95_jct']:.3f}  "
                   f"p99 {s['p99_jct']:.3f}  TTFT {s['avg_ttft']:.3f}  {s['throughput_tok_s']:.1f} tok/s", flush=True)

@@ -251,8 +251,9 @@ def test_bench_serving_calibration_recovers_a_known_time_scale(tmp_path):
     subprocess.run(common + ["--simulate", "--num-pages", "300", "--calibrate-to", str(fake), "--output", str(out)],
                    check=True, capture_output=True)
     c = json.loads(out.read_text())
-    assert c["calibration"]["time_scale"] == pytest.approx(1.7, rel=0.02)
-    assert c["config"]["time_scale"] == c["calibration"]["time_scale"]
+    assert c["calibration"]["factor"] == pytest.approx(1.7, rel=0.02) and not c["calibration"]["by_dispatch_kind"]
+    assert c["config"]["time_scale"] == c["calibration"]["clock"] == {k: c["calibration"]["factor"]
+                                                                        for k in ("ragged", "decode_k1", "decode_multi")}
     assert all(v["same_winner"] for v in c["agreement"].values()) and len(c["agreement"]) == 5
     real = subprocess.run(common + ["--calibrate-to", str(fake), "--output", str(out)], capture_output=True, text=True)
     assert real.returncode != 0 and "--calibrate-to" in real.stderr
@@ -277,3 +278,78 @@ def test_mean_summary_averages_each_statistic_over_runs():
     m = mean_summary(runs)
     assert m["avg_jct"] == pytest.approx(np.mean([r["avg_jct"] for r in runs]))
     assert m["p99_jct"] == pytest.approx(np.mean([r["p99_jct"] for r in runs])) and m["jobs"] == 10
+
+
+def test_dispatch_profile_charges_each_dispatch_the_next_step_call():
+    """With dispatch-ahead a step call blocks on the previous dispatch, so each plan is timed by the next
+    call; calls that plan nothing (no new plan) still time the dispatch before them. A fake clock."""
+    import types
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import bench_serving
+    from ferry.scheduler.plan import Plan, WorkItem
+    clock = [0.0]
+    rng = np.random.default_rng()
+    kinds = [("ragged", 8, 1), ("decode_k1", 1, 1), ("decode_multi", 1, 8)] * 4
+    device = [float(x) for x in rng.uniform(0.01, 0.1, len(kinds))]       # each plan's true seconds
+    eng = types.SimpleNamespace(last_plan=None, scheduler=types.SimpleNamespace(last_iteration_cost=0.0))
+    calls = iter(range(len(kinds) + 1))
+
+    def step():
+        i = next(calls)
+        if i > 0:
+            clock[0] += device[i - 1]                     # reading the previous dispatch
+        if i < len(kinds):
+            _, n, k = kinds[i]
+            eng.last_plan = Plan(work=(WorkItem("r", 0, n, True),), decode_steps=k)
+            eng.scheduler.last_iteration_cost = device[i] / (2.0 if kinds[i][0] == "ragged" else 1.0)
+        return []
+
+    eng.step = step
+    real_time = bench_serving.time
+    bench_serving.time = types.SimpleNamespace(perf_counter=lambda: clock[0])
+    try:
+        log = bench_serving.dispatch_log(eng)
+        for _ in range(len(kinds) + 1):
+            eng.step()
+    finally:
+        bench_serving.time = real_time
+    prof = bench_serving.dispatch_profile(log)
+    assert {k: p["dispatches"] for k, p in prof.items()} == {"ragged": 4, "decode_k1": 4, "decode_multi": 4}
+    assert prof["ragged"]["wall_over_model"] == pytest.approx(2.0)          # the model halves ragged steps
+    assert prof["decode_k1"]["wall_over_model"] == pytest.approx(1.0)
+    assert prof["decode_multi"]["wall_s"] == pytest.approx(sum(device[2::3]))
+
+
+def test_clock_scale_per_dispatch_kind_is_linear_in_each_kind():
+    """All jobs at t=0 under FCFS: the plans do not depend on the clock, so the makespan is
+    ragged_scale * R + decode_scale * D for the cost-model seconds R, D of each kind (both occur)."""
+    from ferry.scheduler.simulator import ClockScale
+    rng = np.random.default_rng()
+    trace = [{"arrival": 0.0, "prompt_len": int(rng.integers(4, 300)), "output_len": int(rng.integers(2, 40))}
+             for _ in range(20)]
+
+    def makespan(r, d):
+        return simulate(trace, _cfg("fcfs"), time_scale=ClockScale(ragged=r, decode_k1=d, decode_multi=d))[1]["makespan"]
+
+    base = makespan(1.0, 1.0)
+    R, D = makespan(2.0, 1.0) - base, makespan(1.0, 2.0) - base
+    assert R > 0 and D > 0 and base == pytest.approx(R + D)
+    assert makespan(3.0, 5.0) == pytest.approx(3 * R + 5 * D)
+    with pytest.raises(ValueError):
+        ClockScale(decode_k1=0.0)
+
+
+def test_fcfs_dispatch_ratios_pool_the_runs_and_need_every_kind():
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    from bench_serving import fcfs_dispatch_ratios
+
+    def prof(w):
+        return {k: {"dispatches": 1, "model_s": 1.0, "wall_s": w[i]}
+                for i, k in enumerate(("ragged", "decode_k1", "decode_multi"))}
+    engine = {"fcfs": {}, "runs": {"fcfs": [{"dispatches": prof((1.0, 2.0, 0.5))},
+                                           {"dispatches": prof((3.0, 2.0, 1.5))}]}}
+    assert fcfs_dispatch_ratios(engine) == {"ragged": 2.0, "decode_k1": 2.0, "decode_multi": 1.0}
+    del engine["runs"]["fcfs"][1]["dispatches"]["decode_multi"]
+    engine["runs"]["fcfs"] = engine["runs"]["fcfs"][1:]
+    assert fcfs_dispatch_ratios(engine) is None                     # a kind never ran: no per-kind fit
+    assert fcfs_dispatch_ratios({"fcfs": {"avg_jct": 1.0}}) is None   # an older result: no profile
