@@ -266,6 +266,9 @@ def test_bench_serving_calibration_recovers_a_known_time_scale(tmp_path):
                                  str(out)], check=True, capture_output=True)
         agree = json.loads(out.read_text())["agreement"]
         assert all(v["within_engine_runs"] is inside for v in agree.values())
+    no_profile = subprocess.run(common + ["--simulate", "--num-pages", "300", "--calibrate-to", str(fake), "--clock-by-kind",
+                                          "--output", str(out)], capture_output=True, text=True)
+    assert no_profile.returncode != 0 and "no dispatch profile" in no_profile.stderr
     sim = subprocess.run(common + ["--simulate", "--repeats", "2", "--output", str(out)], capture_output=True, text=True)
     assert sim.returncode != 0 and "deterministic" in sim.stderr
 
