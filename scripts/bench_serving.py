@@ -18,7 +18,8 @@ lengths (ignore_eos) and submits jobs at their trace arrival times (wall clock).
 equals that engine run's (one number fitted on the baseline), then every policy at that scale and,
 per metric, whether the simulator picks the same FCFS-vs-MLFQ winner as the engine (``agreement``;
 with an engine result of ``--repeats`` N > 1 also whether the simulator's ratio lies within the
-engine's runs).
+engine's runs); ``--clock-by-kind``: that factor times each kind of dispatch's measured wall /
+cost-model ratio (every engine run records ``dispatches``, that per-kind profile).
 """
 import argparse
 import dataclasses

@@ -8,7 +8,7 @@ pages fit (memory is ample here).
 import dataclasses
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 from ferry.scheduler.cost_model import CostModel
 from ferry.scheduler.mlfq import SkipJoinMLFQ
@@ -65,7 +65,8 @@ def run_and_check(trace, cfg, max_iters=20_000):
 @settings(max_examples=30, deadline=None)
 @given(st.lists(st.tuples(st.floats(0, 3), st.integers(1, 60), st.integers(1, 80)), min_size=1, max_size=30),
        st.integers(1, 3))
-def test_no_job_waits_past_the_bound(jobs, max_batch):
+@example([(0.0, 1, 1)] * 8 + [(1.0, 1, 17), (1.0, 1, 17), (1.0, 1, 37)], 1)   # jobs "9" and "10" arrive together:
+def test_no_job_waits_past_the_bound(jobs, max_batch):                       # the head is the one added first
     trace = [{"arrival": a, "prompt_len": p, "output_len": o} for a, p, o in jobs]
     violations, unfinished = run_and_check(trace, _cfg(max_batch))
     assert not violations
