@@ -14,17 +14,15 @@ which knows every output length) every policy's ratios over FCFS and over the or
 ``--base-quantum``/``--starve-limit`` default to the derived values (scheduler/mlfq.py); give
 numbers for the old fixed-seconds MLFQ. Real mode forces exact output
 lengths (ignore_eos) and submits jobs at their trace arrival times (wall clock).
-``--calibrate-to ENGINE.json`` (simulator): the time scale at which the simulated FCFS average JCT
-equals that engine run's (one number fitted on the baseline), then every policy at that scale and,
+``--calibrate-to ENGINE.json`` (simulator): the clock fitted to that engine run on FCFS
+(``engine_vs_sim.py``; ``--clock-by-kind`` per kind of dispatch), then every policy on that clock and,
 per metric, whether the simulator picks the same FCFS-vs-MLFQ winner as the engine (``agreement``;
 with an engine result of ``--repeats`` N > 1 also whether the simulator's ratio lies within the
-engine's runs); ``--clock-by-kind``: that factor times each kind of dispatch's measured wall /
-cost-model ratio (every engine run records ``dispatches``, that per-kind profile).
+engine's runs). Every engine run records ``dispatches``, its per-kind dispatch profile.
 """
 import argparse
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -34,6 +32,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ferry.scheduler.scheduler import SchedulerConfig  # noqa: E402
 from ferry.scheduler.simulator import ClockScale, JobResult, simulate, summarize  # noqa: E402
 from ferry.scheduler.workload import read_jsonl  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from engine_vs_sim import dispatch_log, dispatch_profile, fit_clock  # noqa: E402
 
 
 def run_sim(trace, policy, a, time_scale=None, quiet=False):
@@ -55,58 +56,24 @@ def run_sim(trace, policy, a, time_scale=None, quiet=False):
     return res, stats
 
 
-def fcfs_dispatch_ratios(engine: dict) -> dict | None:
-    """Wall over cost-model seconds per kind of dispatch in an engine result's FCFS runs (all runs pooled);
-    None when the result has no dispatch profile (older results) or a kind never ran."""
-    runs = engine.get("runs", {}).get("fcfs") or [engine["fcfs"]]
-    if any("dispatches" not in r for r in runs):
-        return None
-    total = {}
-    for r in runs:
-        for kind, p in r["dispatches"].items():
-            t = total.setdefault(kind, [0.0, 0.0])
-            t[0], t[1] = t[0] + p["wall_s"], t[1] + p["model_s"]
-    kinds = [f.name for f in dataclasses.fields(ClockScale)]
-    if any(k not in total or total[k][1] <= 0 for k in kinds):
-        return None
-    return {k: total[k][0] / total[k][1] for k in kinds}
-
-
-def calibrate(trace, a, steps: int = 24) -> dict:
-    """The simulator's clock fitted to the engine run in ``a.calibrate_to``: one factor f (bisection on
-    its log over [1/8, 8]) at which the simulated FCFS average JCT equals the engine's; with
-    ``--clock-by-kind``, f times each kind of dispatch's measured wall / cost-model ratio in the
-    engine's FCFS runs. Fitted on FCFS only: MLFQ is the prediction. One scale is the default: on the
-    two CPU traces (three engine runs each) it picked the engine's winner on 9 of 10 metrics, the
-    per-kind clock on 7 (README, "Engine and simulator")."""
+def calibrate(trace, a) -> dict:
+    """``engine_vs_sim.fit_clock`` to the engine result in ``a.calibrate_to``, simulating FCFS with ``a``."""
     with open(a.calibrate_to) as f:
         engine = json.load(f)
     if "fcfs" not in engine or engine.get("mode") != "engine":
         raise SystemExit(f"--calibrate-to {a.calibrate_to}: needs a real-engine result with FCFS (--policy both)")
-    target = engine["fcfs"]["avg_jct"]
-    ratios = fcfs_dispatch_ratios(engine) if a.clock_by_kind else None
-    if a.clock_by_kind and ratios is None:
-        raise SystemExit(f"--clock-by-kind: {a.calibrate_to} has no dispatch profile of every kind in its FCFS runs")
-    shape = ClockScale(**ratios) if ratios else ClockScale()
 
-    def clock(factor: float) -> ClockScale:
-        return ClockScale(*(factor * getattr(shape, f.name) for f in dataclasses.fields(ClockScale)))
+    def fcfs_avg_jct(clock: ClockScale) -> float:
+        res, _ = run_sim(trace, "fcfs", a, time_scale=clock, quiet=True)
+        return sum(r.jct for r in res) / len(res)
 
-    lo, hi = math.log(1 / 8), math.log(8)
-    for _ in range(steps):
-        mid = (lo + hi) / 2
-        res, _ = run_sim(trace, "fcfs", a, time_scale=clock(math.exp(mid)), quiet=True)
-        lo, hi = (mid, hi) if sum(r.jct for r in res) / len(res) < target else (lo, mid)
-    factor = math.exp((lo + hi) / 2)
-    res, _ = run_sim(trace, "fcfs", a, time_scale=clock(factor), quiet=True)
-    sim = sum(r.jct for r in res) / len(res)
-    print(f"calibrated: clock {dataclasses.asdict(clock(factor))} (simulated FCFS avg JCT {sim:.3f} s, "
-          f"engine {target:.3f} s)")
-    return {"engine_result": a.calibrate_to, "by_dispatch_kind": ratios is not None, "factor": factor,
-            "engine_dispatch_ratios": ratios, "clock": dataclasses.asdict(clock(factor)),
-            "engine_fcfs_avg_jct": target, "sim_fcfs_avg_jct": sim,
-            "engine_fcfs_over_mlfq": engine.get("fcfs_over_mlfq"),
-            "engine_fcfs_over_mlfq_runs": engine.get("fcfs_over_mlfq_runs")}
+    try:
+        cal = fit_clock(engine, fcfs_avg_jct, by_kind=bool(a.clock_by_kind))
+    except ValueError as e:
+        raise SystemExit(f"--clock-by-kind: {a.calibrate_to}: {e}")
+    print(f"calibrated: clock {cal['clock']} (simulated FCFS avg JCT {cal['sim_fcfs_avg_jct']:.3f} s, "
+          f"engine {cal['engine_fcfs_avg_jct']:.3f} s)")
+    return {"engine_result": a.calibrate_to, **cal}
 
 
 def mean_summary(runs: list[dict]) -> dict:
@@ -131,44 +98,6 @@ def run_real(trace, policy, a):
     stats = dict(llm.engine.stats())
     stats["dispatches"] = dispatch_profile(log)
     return res, stats
-
-
-def dispatch_log(engine) -> list[dict]:
-    """Log every dispatch of ``engine`` (wraps its ``step``): the plan's kind, its cost-model seconds
-    (what the simulator charges) and ``wall_s``, the wall time of the NEXT step call: with dispatch-ahead
-    a step blocks reading the previous dispatch, so that call lasts about as long as this dispatch
-    (plus the host work of planning the next)."""
-    log, inner = [], engine.step
-
-    def step(*args, **kw):
-        t, before = time.perf_counter(), engine.last_plan
-        out = inner(*args, **kw)
-        wall = time.perf_counter() - t
-        if log and "wall_s" not in log[-1]:
-            log[-1]["wall_s"] = wall
-        plan = engine.last_plan
-        if plan is not None and plan is not before and plan.work:
-            log.append({"kind": plan.kind, "model_s": engine.scheduler.last_iteration_cost})
-        return out
-
-    engine.step = step
-    return log
-
-
-def dispatch_profile(log: list[dict]) -> dict:
-    """Per kind of dispatch: how many, cost-model seconds, measured seconds and their ratio (the
-    engine's speed relative to the cost model, by kind: where the simulator's clock is off)."""
-    prof = {}
-    for row in log:
-        if "wall_s" not in row:
-            continue
-        p = prof.setdefault(row["kind"], {"dispatches": 0, "model_s": 0.0, "wall_s": 0.0})
-        p["dispatches"] += 1
-        p["model_s"] += row["model_s"]
-        p["wall_s"] += row["wall_s"]
-    for p in prof.values():
-        p["wall_over_model"] = p["wall_s"] / p["model_s"] if p["model_s"] > 0 else None
-    return prof
 
 
 def run_baseline(a, policies):
@@ -282,7 +211,6 @@ def main():
     if a.repeats < 1 or (a.repeats > 1 and (a.simulate or a.baseline_rev)):
         ap.error("--repeats needs N >= 1; N > 1 only for the real engine (the simulator is deterministic), "
                  "not with --baseline-rev")
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     trace = read_jsonl(a.trace)
     if a.simulate and a.num_pages is None:
         a.num_pages = 400

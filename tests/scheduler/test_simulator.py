@@ -288,7 +288,7 @@ def test_dispatch_profile_charges_each_dispatch_the_next_step_call():
     call; calls that plan nothing (no new plan) still time the dispatch before them. A fake clock."""
     import types
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
-    import bench_serving
+    import engine_vs_sim
     from ferry.scheduler.plan import Plan, WorkItem
     clock = [0.0]
     rng = np.random.default_rng()
@@ -308,15 +308,15 @@ def test_dispatch_profile_charges_each_dispatch_the_next_step_call():
         return []
 
     eng.step = step
-    real_time = bench_serving.time
-    bench_serving.time = types.SimpleNamespace(perf_counter=lambda: clock[0])
+    real_time = engine_vs_sim.time
+    engine_vs_sim.time = types.SimpleNamespace(perf_counter=lambda: clock[0])
     try:
-        log = bench_serving.dispatch_log(eng)
+        log = engine_vs_sim.dispatch_log(eng)
         for _ in range(len(kinds) + 1):
             eng.step()
     finally:
-        bench_serving.time = real_time
-    prof = bench_serving.dispatch_profile(log)
+        engine_vs_sim.time = real_time
+    prof = engine_vs_sim.dispatch_profile(log)
     assert {k: p["dispatches"] for k, p in prof.items()} == {"ragged": 4, "decode_k1": 4, "decode_multi": 4}
     assert prof["ragged"]["wall_over_model"] == pytest.approx(2.0)          # the model halves ragged steps
     assert prof["decode_k1"]["wall_over_model"] == pytest.approx(1.0)
@@ -344,7 +344,7 @@ def test_clock_scale_per_dispatch_kind_is_linear_in_each_kind():
 
 def test_fcfs_dispatch_ratios_pool_the_runs_and_need_every_kind():
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
-    from bench_serving import fcfs_dispatch_ratios
+    from engine_vs_sim import fcfs_dispatch_ratios
 
     def prof(w):
         return {k: {"dispatches": 1, "model_s": 1.0, "wall_s": w[i]}
@@ -356,3 +356,29 @@ def test_fcfs_dispatch_ratios_pool_the_runs_and_need_every_kind():
     engine["runs"]["fcfs"] = engine["runs"]["fcfs"][1:]
     assert fcfs_dispatch_ratios(engine) is None                     # a kind never ran: no per-kind fit
     assert fcfs_dispatch_ratios({"fcfs": {"avg_jct": 1.0}}) is None   # an older result: no profile
+
+
+def test_fit_clock_recovers_a_known_clock_one_scale_or_per_kind():
+    """A simulated FCFS average JCT linear in each kind's clock scale (fresh random weights): the fitted
+    clock gives back the engine's JCT; per kind it is the engine's ratios times the factor."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    from engine_vs_sim import fit_clock
+    rng = np.random.default_rng()
+    w = dict(zip(("ragged", "decode_k1", "decode_multi"), rng.uniform(0.5, 3.0, 3)))
+    ratios = dict(zip(w, rng.uniform(0.4, 1.5, 3)))
+    factor = float(rng.uniform(0.5, 2.0))
+    target = sum(w[k] * factor * ratios[k] for k in w)
+    engine = {"fcfs": {"avg_jct": target, "dispatches": {k: {"dispatches": 1, "model_s": 1.0, "wall_s": r}
+                                                         for k, r in ratios.items()}}}
+
+    def jct(clock):
+        return sum(w[k] * getattr(clock, k) for k in w)
+
+    per_kind = fit_clock(engine, jct, by_kind=True)
+    assert per_kind["factor"] == pytest.approx(factor, rel=1e-5)
+    assert per_kind["clock"] == pytest.approx({k: factor * r for k, r in ratios.items()}, rel=1e-5)
+    one = fit_clock(engine, jct)
+    assert not one["by_dispatch_kind"] and one["factor"] == pytest.approx(target / sum(w.values()), rel=1e-5)
+    assert one["sim_fcfs_avg_jct"] == pytest.approx(target, rel=1e-5)
+    with pytest.raises(ValueError):
+        fit_clock({"fcfs": {"avg_jct": 1.0}}, jct, by_kind=True)     # no profile: no per-kind fit
