@@ -313,12 +313,19 @@ class SkipJoinMLFQ(Policy):
     def measure_ahead(self, jobs: list[Job]) -> None:
         """``ahead`` of each job not measured yet: the expected work left of the jobs that arrived
         before it (what it would wait for under FCFS), at its first refresh."""
-        new = [j for j in jobs if j.ahead < 0]
-        if not new:
+        if all(j.ahead >= 0 for j in jobs):
             return
-        left = [((j.arrival, j.rid), self.expected_left(j)) for j in jobs]
-        for j in new:
-            j.ahead = sum(w for key, w in left if key < (j.arrival, j.rid))
+        total = 0.0
+        for j in self.fcfs_order(jobs):
+            if j.ahead < 0:
+                j.ahead = total
+            total += self.expected_left(j)
+
+    @staticmethod
+    def fcfs_order(jobs: list[Job]) -> list[Job]:
+        """Jobs by arrival, equal arrivals in the order they were added (``jobs`` is; a stable sort, as
+        FCFS's): request ids do not order ("10" < "9"; found by the hypothesis tail-guard test)."""
+        return sorted(jobs, key=lambda j: j.arrival)
 
     def refresh(self, jobs: list[Job], now: float) -> None:
         self.measure_ahead(jobs)
@@ -335,10 +342,8 @@ class SkipJoinMLFQ(Policy):
             elif self.starve_limit is not None and j.queue > 0 and now - j.last_run >= self.starve_limit:
                 j.queue, j.enqueued, j.last_run = 0, now, now
                 self.promotions += 1
-        # The oldest, served before every queue; equal arrivals in the order they were added (a stable
-        # sort, as FCFS's: request ids do not order, "10" < "9"; found by the hypothesis tail-guard test).
-        tail = sorted((j for j in jobs if j.queue < 0), key=lambda j: j.arrival)
-        self.heads = {j.rid for j in tail[:TAIL_HEADS]}
+        tail = self.fcfs_order([j for j in jobs if j.queue < 0])
+        self.heads = {j.rid for j in tail[:TAIL_HEADS]}   # the oldest: served before every queue
 
     def order(self, jobs: list[Job]) -> list[Job]:
         def key(j: Job):
