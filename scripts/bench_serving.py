@@ -34,7 +34,7 @@ from ferry.scheduler.simulator import ClockScale, JobResult, simulate, summarize
 from ferry.scheduler.workload import read_jsonl  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from engine_vs_sim import dispatch_log, dispatch_profile, fit_clock  # noqa: E402
+from engine_vs_sim import agreement, dispatch_log, dispatch_profile, fit_clock  # noqa: E402
 
 
 def run_sim(trace, policy, a, time_scale=None, quiet=False):
@@ -247,31 +247,21 @@ def main():
             print(f"policy / {ref.upper()}:", {p: {k: round(v, 2) for k, v in r.items()}
                                               for p, r in out[f"over_{ref}"].items()})
     if "fcfs" in policies and "mlfq" in policies:
-        f, m = out["fcfs"], out["mlfq"]
-        out["fcfs_over_mlfq"] = {k: f[k] / m[k] for k in ("avg_jct", "p50_jct", "p95_jct", "p99_jct", "avg_ttft")
-                                 if m[k] > 0}
+        def ratios(f, m):
+            return {k: f[k] / m[k] for k in keys if m[k] > 0}
+        out["fcfs_over_mlfq"] = ratios(out["fcfs"], out["mlfq"])
         print("FCFS / MLFQ:", {k: round(v, 2) for k, v in out["fcfs_over_mlfq"].items()})
         if a.repeats > 1:
-            out["fcfs_over_mlfq_runs"] = [{k: f[k] / m[k] for k in keys if m[k] > 0}
-                                          for f, m in zip(runs["fcfs"], runs["mlfq"])]
+            out["fcfs_over_mlfq_runs"] = [ratios(f, m) for f, m in zip(runs["fcfs"], runs["mlfq"])]
             print("FCFS / MLFQ per run:", [{k: round(v, 2) for k, v in r.items()} for r in out["fcfs_over_mlfq_runs"]])
         cal = out.get("calibration", {})
         if cal.get("engine_fcfs_over_mlfq"):
-            eng, per_run = cal["engine_fcfs_over_mlfq"], cal.get("engine_fcfs_over_mlfq_runs")
-            out["agreement"] = {}
-            for k, v in out["fcfs_over_mlfq"].items():
-                if k not in eng:
-                    continue
-                row = {"engine": eng[k], "simulator": v, "same_winner": (eng[k] > 1) == (v > 1)}
-                if per_run:
-                    lo, hi = min(r[k] for r in per_run), max(r[k] for r in per_run)
-                    row.update(engine_runs_min=lo, engine_runs_max=hi, within_engine_runs=lo <= v <= hi)
-                out["agreement"][k] = row
-            print("same FCFS-vs-MLFQ winner as the engine:",
-                  {k: r["same_winner"] for k, r in out["agreement"].items()})
-            if per_run:
-                print("simulator within the engine's runs:",
-                      {k: r["within_engine_runs"] for k, r in out["agreement"].items()})
+            out["agreement"] = agreement(out["fcfs_over_mlfq"], cal["engine_fcfs_over_mlfq"],
+                                         cal.get("engine_fcfs_over_mlfq_runs"))
+            for flag, what in (("same_winner", "same FCFS-vs-MLFQ winner as the engine"),
+                               ("within_engine_runs", "simulator within the engine's runs")):
+                if all(flag in r for r in out["agreement"].values()):
+                    print(f"{what}:", {k: r[flag] for k, r in out["agreement"].items()})
     out["command"] = "python scripts/bench_serving.py " + " ".join(sys.argv[1:])
     from results_io import machine
     out["machine"] = machine()

@@ -7,6 +7,8 @@
   factor times each kind's measured wall / cost-model ratio. One scale is the default: on the two CPU
   traces (three engine runs each) it picked the engine's FCFS-vs-MLFQ winner on 9 of 10 metrics, the
   per-kind clock on 7 (README, "Engine and simulator").
+* ``agreement``: per metric, whether the simulator picks the engine's FCFS-vs-MLFQ winner and lies
+  within the engine's runs.
 Used by ``bench_serving.py`` (``--calibrate-to``, ``--clock-by-kind``; every engine run records
 ``dispatches``).
 """
@@ -97,3 +99,18 @@ def fit_clock(engine: dict, fcfs_avg_jct: Callable[[ClockScale], float], by_kind
             "sim_fcfs_avg_jct": fcfs_avg_jct(clock(factor)),
             "engine_fcfs_over_mlfq": engine.get("fcfs_over_mlfq"),
             "engine_fcfs_over_mlfq_runs": engine.get("fcfs_over_mlfq_runs")}
+
+
+def agreement(sim: dict, engine: dict, engine_runs: list[dict] | None) -> dict:
+    """Per metric of the simulator's FCFS / MLFQ ratios ``sim``: the engine's ratio, whether both pick
+    the same winner and, given the engine's per-run ratios, whether ``sim`` lies within their range."""
+    out = {}
+    for k, v in sim.items():
+        if k not in engine:
+            continue
+        row = {"engine": engine[k], "simulator": v, "same_winner": (engine[k] > 1) == (v > 1)}
+        if engine_runs:
+            lo, hi = min(r[k] for r in engine_runs), max(r[k] for r in engine_runs)
+            row.update(engine_runs_min=lo, engine_runs_max=hi, within_engine_runs=lo <= v <= hi)
+        out[k] = row
+    return out
