@@ -1,14 +1,16 @@
 """Build the policy a ``SchedulerConfig`` names: "mlfq" (serving default), "fcfs" (baseline),
-"oracle" (SRPT knowing true output lengths: simulator reference only, see ``oracle.py``)."""
+"oracle" (SRPT knowing true output lengths) and "gittins" (the Gittins order knowing only their
+distribution): simulator references only, see ``oracle.py`` and ``gittins_ref.py``."""
 from __future__ import annotations
 
 from ferry.scheduler.cost_model import CostModel
 from ferry.scheduler.fcfs import FCFS
+from ferry.scheduler.gittins_ref import GittinsReference
 from ferry.scheduler.mlfq import SkipJoinMLFQ
 from ferry.scheduler.oracle import OracleSRPT
 from ferry.scheduler.policy import Policy
 
-POLICIES = ("mlfq", "fcfs", "oracle")
+POLICIES = ("mlfq", "fcfs", "oracle", "gittins")
 
 
 def make_policy(cfg, cost: CostModel) -> Policy:
@@ -17,6 +19,8 @@ def make_policy(cfg, cost: CostModel) -> Policy:
         return FCFS()
     if cfg.policy == "oracle":
         return OracleSRPT(cost, cfg.max_batch)
+    if cfg.policy == "gittins":
+        return GittinsReference(cost, cfg.max_batch)
     return SkipJoinMLFQ(cost, num_queues=cfg.num_queues, base_quantum=cfg.base_quantum,
                         quantum_ratio=cfg.quantum_ratio, starve_limit=cfg.starve_limit, max_batch=cfg.max_batch,
                         tail_slack=cfg.tail_slack)

@@ -17,14 +17,16 @@ def test_sweep_smoke_writes_json_table_and_heatmaps(tmp_path):
     mixes = {c["cell"]["mix"] for c in r["cells"]}
     assert {"chat_a0.8", "summarise", "bimodal"} <= mixes
     for c in r["cells"]:
-        for pol in ("fcfs", "mlfq", "oracle"):
+        for pol in ("fcfs", "mlfq", "oracle", "gittins"):
             assert c[pol]["jobs"] == r["jobs_per_cell"]
             assert c[pol]["p99_jct"] >= c[pol]["p50_jct"] > 0
         assert c["mlfq_over_fcfs"]["avg_jct"] == c["mlfq"]["avg_jct"] / c["fcfs"]["avg_jct"]
         assert c["mlfq_over_oracle"]["p99_jct"] == c["mlfq"]["p99_jct"] / c["oracle"]["p99_jct"]
+        assert c["gittins_over_oracle"]["avg_jct"] == c["gittins"]["avg_jct"] / c["oracle"]["avg_jct"]
     t = r["targets"]
     assert t["cells"] == sum(c["cell"]["load"] <= 0.9 for c in r["cells"])
-    assert 0 <= t["avg_jct_within_15pct_of_oracle"]["met"] <= t["cells"]
+    avg = t["avg_jct_within_15pct_of_oracle"]
+    assert 0 <= avg["met_where_gittins_met"] <= min(avg["met"], avg["gittins_met"]) <= t["cells"]
     table = (tmp_path / "sweep.md").read_text().splitlines()
     assert sum(line.startswith("| chat") or line.startswith("| summ") or line.startswith("| bimodal")
                for line in table) == 4
@@ -43,6 +45,6 @@ def test_ttft_floor_is_a_job_alone_and_bounds_every_policy():
     burst = alone * 10
     floor = S.ttft_floor(burst)
     assert floor == S.ttft_floor(alone)
-    for pol in ("fcfs", "mlfq", "oracle"):
+    for pol in ("fcfs", "mlfq", "oracle", "gittins"):
         res, _ = simulate(burst, S.config(pol, 2000))
         assert sum(r.ttft for r in res) / len(res) > floor
