@@ -17,6 +17,8 @@ they arrived with have finished.
 """
 from __future__ import annotations
 
+import numpy as np
+
 
 def survival(events: list[float], censored: list[float]) -> list[tuple[float, float]]:
     """Kaplan-Meier steps ``[(t, F(t))]``, t ascending at each event time: F just after t."""
@@ -101,3 +103,26 @@ def gittins_index(steps: list[tuple[float, float]], age: float, quantum: float =
     """G(age) from Kaplan-Meier ``steps``, the threshold y at least ``age + quantum`` (see
     ``gittins_curve``). None when F(age) = 0 or no event lies past age."""
     return index_from_curve(gittins_curve(steps, age, quantum))
+
+
+# ---------------------------------------------------------------------- in output tokens (numpy)
+def token_survival(events: list[int], censored: list[int]) -> np.ndarray:
+    """``F[t]`` = the Kaplan-Meier estimate of P(output length > t) for t = 0 .. max + 2, from finished
+    jobs' lengths (``events``) and live jobs' generated counts (``censored``). Past the largest
+    observation F is unknown; it is set to 0 two tokens past it (every job assumed to end there)."""
+    n = max(list(events) + list(censored) + [0]) + 2
+    F = np.ones(n + 1)
+    for t, f in survival(events, censored):
+        F[int(t):] = f
+    F[n] = 0.0
+    return F
+
+
+def token_index(F: np.ndarray, age: int, known: float = 0.0) -> float:
+    """The Gittins index, per output token of work, of a job that has generated ``age`` tokens and must
+    first do ``known`` tokens' worth of work that cannot end it: max over b > age of
+    (F(age) - F(b)) / (known F(age) + sum_{t=age}^{b-1} F(t)). 0 where F(age) = 0."""
+    if F[age] <= 0.0:
+        return 0.0
+    area = np.cumsum(F[age:-1])                                  # area[i] = sum_{t=age}^{age+i} F(t)
+    return float(np.max((F[age] - F[age + 1:]) / (known * F[age] + area)))

@@ -28,6 +28,7 @@ from __future__ import annotations
 import numpy as np
 
 from ferry.scheduler.cost_model import CostModel
+from ferry.scheduler.gittins import token_index
 from ferry.scheduler.policy import Policy
 from ferry.scheduler.request_state import Job
 
@@ -35,23 +36,12 @@ REBUILD_EVERY = 256    # after the first doublings (1, 2, 4, ... 128 jobs), rebu
 
 
 def index_table(lengths: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """``(F, G)`` for output ``lengths``: F[t] = P(length > t) for t = 0..max, G[g] = the Gittins index at
-    g tokens generated (0 where F[g] = 0: no job of that age exists)."""
+    """``(F, G)`` for output ``lengths``: F[t] = P(length > t) for t = 0..max + 1, G[g] = the Gittins index
+    at g tokens generated (``gittins.token_index``; 0 where F[g] = 0: no job of that age exists)."""
     L = np.asarray(lengths, dtype=np.int64)
     n = int(L.max()) + 1
     F = 1.0 - np.cumsum(np.bincount(L, minlength=n + 1))[: n + 1] / len(L)     # F[t] = P(L > t), t = 0..n
-    cum = np.concatenate([[0.0], np.cumsum(F)])                                  # cum[b] = sum_{t<b} F(t)
-    G = np.zeros(n + 1)
-    for g in np.nonzero(F > 0)[0]:
-        b = np.arange(g + 1, n + 1)
-        G[g] = np.max((F[g] - F[b]) / (cum[b] - cum[g]))
-    return F, G
-
-
-def known_work_index(F: np.ndarray, known: float) -> float:
-    """The index at age 0 of a job that must first do ``known`` tokens' worth of work that cannot end it."""
-    cum = np.cumsum(F)                                                           # cum[b-1] = sum_{t<b} F(t)
-    return float(np.max((F[0] - F[1:]) / (known * F[0] + cum[:-1])))
+    return F, np.array([token_index(F, g) for g in range(n + 1)])
 
 
 class GittinsReference(Policy):
@@ -74,7 +64,7 @@ class GittinsReference(Policy):
     def index(self, job: Job) -> float:
         left = max(0, job.prompt_len - job.num_computed)
         if left > 0:
-            return known_work_index(self.F, self.cost.per_prefill_token * left / self.token_cost)
+            return token_index(self.F, 0, known=self.cost.per_prefill_token * left / self.token_cost)
         g = min(job.generated, len(self.G) - 1)
         while g > 0 and self.F[g] <= 0:      # older than every length in the last rebuild: its oldest index
             g -= 1

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ferry.scheduler.cost_model import CostModel
-from ferry.scheduler.gittins import gittins_curve, gittins_index, index_from_curve, survival
+from ferry.scheduler.gittins import gittins_curve, gittins_index, index_from_curve, survival, token_index
 from ferry.scheduler.mlfq import SkipJoinMLFQ
 
 COST = CostModel(base=0.01, per_prefill_token=0.001, per_decode_row=0.001, per_context_token=0.0,
@@ -94,10 +94,10 @@ def test_index_falls_with_age_for_heavy_tails_and_rises_past_a_short_mode():
     assert gittins_index(steps, 11.0, 0.5) > gittins_index(steps, 10.0, 0.5) > gittins_index(steps, 2.0, 0.5)
 
 
-def _finished(m, attained):
+def _finished(m, attained, generated=None):
     job = dataclasses.make_dataclass("J", [("attained", float), ("served", float), ("generated", int, dataclasses.field(default=0))])
-    for a in attained:
-        m.on_finish(job(attained=a, served=a))
+    for a, g in zip(attained, generated if generated is not None else [0] * len(attained)):
+        m.on_finish(job(attained=a, served=a, generated=int(g)))
 
 
 def test_mlfq_serves_an_old_queue_first_when_its_jobs_are_near_the_end():
@@ -134,22 +134,22 @@ def _job(rid, queue, arrival=0.0, prompt_len=8, computed=8):
 
 
 def test_a_job_still_prefilling_ranks_by_the_work_it_must_do_first():
-    """Decoding jobs of a queue near its end (bimodal's old queue) outrank a middle queue's, but a job
-    that skip-joined the old queue with a long prompt still to prefill is ranked by the Gittins index
-    with that known work first, below the middle queue (the summarisation mix's long prompts once
-    jumped the queue this way)."""
+    """Change 10 (and 8b before it): a job still prefilling is ranked by the Gittins index at age 0 with
+    its prompt left as known work first, so more prompt left ranks lower (the summarisation mix's long
+    prompts once jumped every queue); once prefilled, it takes the plain index at age 0."""
     rng = np.random.default_rng()
     m = SkipJoinMLFQ(COST, max_batch=4)
-    _finished(m, list(rng.uniform(0.005, 0.05, 230)) + list(rng.uniform(0.5, 0.6, 26)))
+    tokens = list(rng.integers(8, 65, 230)) + list(rng.integers(512, 1025, 26))
+    _finished(m, [m.token_cost * t for t in tokens], tokens)
     m.refresh([], 0.0)
-    old = m.level(0.45)
-    assert m.queue_index[old] > m.queue_index[1]
-    decoding = _job("d", old, arrival=2.0)
-    prefilling = _job("p", old, arrival=1.0, prompt_len=1000, computed=0)   # 1 s of prefill first
-    middle = _job("m", 1, arrival=3.0)
-    assert [j.rid for j in m.order([middle, prefilling, decoding])] == ["d", "m", "p"]
-    prefilling.num_computed = 1000                            # prefill done: its queue's index again
-    assert [j.rid for j in m.order([middle, prefilling, decoding])] == ["p", "d", "m"]
+    long_left = _job("long", 0, arrival=1.0, prompt_len=1000, computed=0)
+    short_left = _job("short", 0, arrival=2.0, prompt_len=1000, computed=990)
+    assert [j.rid for j in m.order([long_left, short_left])] == ["short", "long"]
+    k = COST.per_prefill_token * 1000 / m.token_cost
+    assert m.job_index(long_left, 0) == pytest.approx(token_index(m.token_F, 0, known=k))
+    long_left.num_computed = 1000                               # prefill done: the plain index at age 0
+    assert m.job_index(long_left, 0) == pytest.approx(token_index(m.token_F, 0))
+    assert m.job_index(long_left, 0) > m.job_index(short_left, 0)
 
 
 def test_only_the_oldest_tail_class_job_goes_before_every_queue():
@@ -168,33 +168,41 @@ def test_only_the_oldest_tail_class_job_goes_before_every_queue():
     assert not m.may_evict(b, q0)                             # tail-class jobs keep their KV
 
 
-def test_a_decoding_job_ranks_by_the_index_at_the_last_sub_age_it_reached():
-    """Change 9: inside a queue, a decoding job takes the Gittins index at the last of SUB_LEVELS ages
-    it has reached (the definition, a sub-quantum ahead). Past bimodal's short mode (rising hazard) the
-    job nearer its end goes first although it entered the queue later; with heavy tails (falling
-    hazard) the younger job goes first although it entered later (least attained first)."""
-    from ferry.scheduler.mlfq import SUB_LEVELS
+def _direct_token_index(lengths, age):
+    """The definition on the empirical lengths: max over b > age of P(age < L <= b) / sum_{t=age}^{b-1} P(L > t)."""
+    L = np.asarray(lengths)
+    F = lambda t: np.mean(L > t)                              # noqa: E731
+    return max((F(age) - F(b)) / sum(F(t) for t in range(age, b)) for b in range(age + 1, L.max() + 1))
+
+
+def test_a_decoding_job_ranks_by_the_index_at_its_grid_age():
+    """Change 10: a decoding job takes the Gittins index per output token at the grid age
+    floor(AGE_GRID**k) at or below its generated tokens, on the Kaplan-Meier estimate of output lengths.
+    Past bimodal's short mode (rising hazard) the older job goes first; with heavy tails (falling hazard)
+    the younger; two jobs at the same grid age keep the order they entered their queue in."""
+    from ferry.scheduler.mlfq import AGE_GRID
     rng = np.random.default_rng()
     m = SkipJoinMLFQ(COST, max_batch=4)
-    samples = list(rng.uniform(0.005, 0.05, 230)) + list(rng.uniform(0.5, 0.6, 26))
-    _finished(m, samples)
+    tokens = list(rng.integers(8, 65, 230)) + list(rng.integers(512, 1025, 26))
+    _finished(m, [m.token_cost * t for t in tokens], tokens)
     m.refresh([], 0.0)
-    q = m.level(0.5)
-    ages = [a for a, _ in m.sub_index[q]]
-    young, old = _job("young", q, arrival=1.0), _job("old", q, arrival=2.0)
-    young.attained, old.attained = ages[0] + 1e-6, ages[1] + 1e-6
-    assert m.level(young.attained) == m.level(old.attained) == q
-    sub_quantum = m.quanta[q] / SUB_LEVELS
-    assert m.job_index(old, q) == pytest.approx(direct_index(samples, ages[1], quantum=sub_quantum))
-    assert m.job_index(young, q) == pytest.approx(direct_index(samples, ages[0], quantum=sub_quantum))
+    young, old = _job("young", 3, arrival=1.0), _job("old", 3, arrival=2.0)
+    young.generated, old.generated = 100, 600
+    grid = [int(AGE_GRID ** k) for k in range(40)]
+    assert max(a for a in grid if a <= 100) == 90 and max(a for a in grid if a <= 600) == 512
+    assert m.job_index(young, 3) == pytest.approx(_direct_token_index(tokens, 90))
+    assert m.job_index(old, 3) == pytest.approx(_direct_token_index(tokens, 512))
     assert [j.rid for j in m.order([young, old])] == ["old", "young"]
-    # Heavy tails (a Pareto's quantiles: 256 draws leave too few past Q0 for a smooth index): the index
-    # falls with age, so the younger job goes first.
+    twin = _job("twin", 3, arrival=0.5)
+    twin.generated, twin.enqueued = 95, 5.0                    # same grid age as young, entered the queue later
+    assert m.job_index(twin, 3) == m.job_index(young, 3)
+    assert [j.rid for j in m.order([twin, young])] == ["young", "twin"]
+    # Heavy tails (a Pareto's quantiles): the index falls with age, so the younger job goes first.
     h = SkipJoinMLFQ(COST, max_batch=4)
-    _finished(h, list(0.005 * (1 - (np.arange(256) + 0.5) / 256) ** (-1 / 0.8)))
+    pareto = [int(min(4096, round(8 * (1 - (i + 0.5) / 256) ** (-1 / 0.8)))) for i in range(256)]
+    _finished(h, [h.token_cost * t for t in pareto], pareto)
     h.refresh([], 0.0)
-    (a0, i0), (a1, i1) = h.sub_index[1][0], h.sub_index[1][1]
-    assert i0 is not None and i1 is not None and i0 > i1
-    old, young = _job("old", 1, arrival=1.0), _job("young", 1, arrival=2.0)
-    old.attained, young.attained = a1 + 1e-9, a0 + 1e-9
+    old, young = _job("old", 3, arrival=1.0), _job("young", 3, arrival=2.0)
+    old.generated, young.generated = 600, 100
+    assert h.job_index(young, 3) > h.job_index(old, 3)
     assert [j.rid for j in h.order([old, young])] == ["young", "old"]

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from ferry.scheduler.cost_model import CostModel
-from ferry.scheduler.gittins_ref import GittinsReference, index_table, known_work_index
+from ferry.scheduler.gittins import token_index
+from ferry.scheduler.gittins_ref import GittinsReference, index_table
 from ferry.scheduler.request_state import Job
 from ferry.scheduler.scheduler import SchedulerConfig
 from ferry.scheduler.simulator import simulate
@@ -35,8 +36,8 @@ def test_index_table_is_the_definition_on_fresh_samples(seed):
         else:
             assert G[g] == 0
     k = float(rng.uniform(0.5, 20))
-    assert known_work_index(F, k) == pytest.approx(_definition(lengths, 0, known=k))
-    assert known_work_index(F, k) < G[0] == pytest.approx(known_work_index(F, 0.0))   # known work lowers it
+    assert token_index(F, 0, known=k) == pytest.approx(_definition(lengths, 0, known=k))
+    assert token_index(F, 0, known=k) < G[0] == pytest.approx(token_index(F, 0, known=0.0))   # known work lowers it
 
 
 def _job(rid, generated, prompt=4, computed=None):
