@@ -114,9 +114,9 @@ Changed for issue 15 (one default parameter set; cells named mix/memory/arrival/
    100 -> 99 / 102 / 103 cells ((a)+(b) alone: 93 / 102 / 103; (c) adds the six on seed 0); p99
    no worse than FCFS's: 20 / 12 / 9 -> 26 / 17 / 22 (the oracle's own: 24 / 24 / 16); swap within
    1.5x FCFS's: 25 / 21 / 23 -> 31 / 22 / 31 of 46; TTFT unchanged (30 / 32 / 27).
-9. (Replaced by change 10.) Inside a queue, the Gittins index at the job's own age, not only at the queue's entry: each queue
-   is read at ``SUB_LEVELS`` = 4 ages across its quantum (threshold a quarter quantum ahead), and a
-   decoding job below Q0 takes the index at the last of them it has reached (``job_index``); the
+9. (Replaced by change 10.) Inside a queue, the Gittins index at the job's own age, not only at
+   the queue's entry: each queue is read at ``SUB_LEVELS`` = 4 ages across its quantum (threshold
+   a quarter quantum ahead), and a decoding job below Q0 takes the index at the last of them it has reached (``job_index``); the
    queue order and eviction's gap (4) still use the entry age. A queue spans a doubling of attained
    service; past bimodal's short mode the older half of a queue is much nearer its end, yet FCFS
    inside the queue ran whoever was demoted first. Found by giving the MLFQ the true remaining
@@ -130,8 +130,8 @@ Changed for issue 15 (one default parameter set; cells named mix/memory/arrival/
    unchanged, swap 31 / 22 / 31 -> 31 / 22 / 33; no count fell at any seed. Two ages per queue met
    p99 in 30 cells at seed 0, eight 32; the sub-ages in Q0 too: 99 / 106 / 106, p99 36 / 23 / 23,
    swap 29 / 21 / 30 (kept out: fewer swap cells). A cost: on the heavy-tailed 2,000-job trace
-   (sim_heavy_tail_h200.json) the p99 went 1.30x -> 1.60x FCFS's while the average went 1.42x ->
-   1.31x the oracle's.
+   (sim_heavy_tail_h200.json as committed then) the p99 went 1.30x -> 1.60x FCFS's while the
+   average went 1.42x -> 1.31x the oracle's.
 10. Every job ranked by the Gittins index per OUTPUT TOKEN at its own age, read on a grid: the
    Kaplan-Meier estimate F of output lengths (the last 256 finished jobs' generated tokens, live jobs
    censored at theirs; ``gittins.token_survival``), a decoding job's index at the grid age
@@ -198,7 +198,7 @@ FLOOR_QUANTILE = 0.99        # tail-guard wait floor = this quantile of finished
 MIN_SEEN_FOR_ORDER = 16      # finished jobs before the queue order follows the observed distribution
 MIN_AT_RISK = 16             # jobs (finished or live) older than a queue's entry age needed to rank it
 TAIL_HEADS = 1               # oldest tail-class jobs served before every queue; the rest keep their level
-AGE_GRID = 2 ** 0.5          # a decoding job's index is read at the grid age floor(AGE_GRID**k) <= its tokens (change 10)
+AGE_GRID = 2 ** 0.5          # a decoding job's index is read at grid age floor(AGE_GRID**k) <= its tokens (change 10)
 
 
 class SkipJoinMLFQ(Policy):
