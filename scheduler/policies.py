@@ -1,6 +1,7 @@
 """Build the policy a ``SchedulerConfig`` names: "mlfq" (serving default), "fcfs" (baseline),
-"oracle" (SRPT knowing true output lengths) and "gittins" (the Gittins order knowing only their
-distribution): simulator references only, see ``oracle.py`` and ``gittins_ref.py``."""
+"oracle" (SRPT knowing true output lengths), "gittins" (the Gittins order knowing only their
+distribution) and "ttft" (prefill first, shortest prompt left first): simulator references only,
+see ``oracle.py``, ``gittins_ref.py`` and ``ttft_ref.py``."""
 from __future__ import annotations
 
 from ferry.scheduler.cost_model import CostModel
@@ -9,8 +10,9 @@ from ferry.scheduler.gittins_ref import GittinsReference
 from ferry.scheduler.mlfq import SkipJoinMLFQ
 from ferry.scheduler.oracle import OracleSRPT
 from ferry.scheduler.policy import Policy
+from ferry.scheduler.ttft_ref import PrefillFirst
 
-POLICIES = ("mlfq", "fcfs", "oracle", "gittins")
+POLICIES = ("mlfq", "fcfs", "oracle", "gittins", "ttft")
 
 
 def make_policy(cfg, cost: CostModel) -> Policy:
@@ -21,6 +23,8 @@ def make_policy(cfg, cost: CostModel) -> Policy:
         return OracleSRPT(cost, cfg.max_batch)
     if cfg.policy == "gittins":
         return GittinsReference(cost, cfg.max_batch)
+    if cfg.policy == "ttft":
+        return PrefillFirst()
     return SkipJoinMLFQ(cost, num_queues=cfg.num_queues, base_quantum=cfg.base_quantum,
                         quantum_ratio=cfg.quantum_ratio, starve_limit=cfg.starve_limit, max_batch=cfg.max_batch,
                         tail_slack=cfg.tail_slack)

@@ -42,8 +42,8 @@ class SchedulerConfig:
     page_size: int
     num_device_pages: int              # including the null page 0
     num_host_pages: int
-    policy: str = "mlfq"               # "mlfq" | "fcfs" | "oracle" | "gittins" (the last two: simulator
-                                       # references, scheduler/oracle.py and gittins_ref.py)
+    policy: str = "mlfq"               # "mlfq" | "fcfs" | "oracle" | "gittins" | "ttft" (the last three:
+                                       # simulator references, scheduler/oracle.py, gittins_ref.py, ttft_ref.py)
     num_queues: int = 6
     base_quantum: float | None = None  # seconds of iteration time in Q0; None: derived (scheduler/mlfq.py)
     quantum_ratio: float = 2.0

@@ -17,7 +17,7 @@ def test_sweep_smoke_writes_json_table_and_heatmaps(tmp_path):
     mixes = {c["cell"]["mix"] for c in r["cells"]}
     assert {"chat_a0.8", "summarise", "bimodal"} <= mixes
     for c in r["cells"]:
-        for pol in ("fcfs", "mlfq", "oracle", "gittins"):
+        for pol in ("fcfs", "mlfq", "oracle", "gittins", "ttft"):
             assert c[pol]["jobs"] == r["jobs_per_cell"]
             assert c[pol]["p99_jct"] >= c[pol]["p50_jct"] > 0
         assert c["mlfq_over_fcfs"]["avg_jct"] == c["mlfq"]["avg_jct"] / c["fcfs"]["avg_jct"]
@@ -27,6 +27,8 @@ def test_sweep_smoke_writes_json_table_and_heatmaps(tmp_path):
     assert t["cells"] == sum(c["cell"]["load"] <= 0.9 for c in r["cells"])
     avg = t["avg_jct_within_15pct_of_oracle"]
     assert 0 <= avg["met_where_gittins_met"] <= min(avg["met"], avg["gittins_met"]) <= t["cells"]
+    ttft = t["ttft_5x_lower_at_load_ge_0.7"]
+    assert 0 <= ttft["met_where_ttft_reference_met"] <= min(ttft["met"], ttft["ttft_reference_met"]) <= ttft["cells"]
     table = (tmp_path / "sweep.md").read_text().splitlines()
     assert sum(line.startswith("| chat") or line.startswith("| summ") or line.startswith("| bimodal")
                for line in table) == 4
@@ -45,6 +47,6 @@ def test_ttft_floor_is_a_job_alone_and_bounds_every_policy():
     burst = alone * 10
     floor = S.ttft_floor(burst)
     assert floor == S.ttft_floor(alone)
-    for pol in ("fcfs", "mlfq", "oracle", "gittins"):
+    for pol in ("fcfs", "mlfq", "oracle", "gittins", "ttft"):
         res, _ = simulate(burst, S.config(pol, 2000))
         assert sum(r.ttft for r in res) / len(res) > floor
