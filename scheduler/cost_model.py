@@ -73,6 +73,11 @@ class CostModel:
         return (base + self.per_prefill_token * prefill_tokens + self.per_decode_row * decode_rows
                 + self.per_context_token * context_tokens + self.per_swap_page * swapped_pages)
 
+    def token_cost(self, max_batch: int) -> float:
+        """One output token's work: one decode row's share of a full-batch step (``base / max_batch +
+        per_decode_row``), the unit the MLFQ and the references charge decode work in."""
+        return self.base / max(1, max_batch) + self.per_decode_row
+
     def prefill_time(self, prompt_len: int) -> float:
         """Predicted first-iteration time of a job alone (skip-join)."""
         return self.iteration_time(prefill_tokens=prompt_len, context_tokens=prompt_len)

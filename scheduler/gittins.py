@@ -118,6 +118,15 @@ def token_survival(events: list[int], censored: list[int]) -> np.ndarray:
     return F
 
 
+def last_observed_age(F: np.ndarray, age: int) -> int:
+    """``age``, or for a job older than ``F`` covers (its estimate predates the job's age) the oldest
+    age at which F is still positive: where its index is read."""
+    age = min(age, len(F) - 1)
+    while age > 0 and F[age] <= 0.0:
+        age -= 1
+    return age
+
+
 def token_index(F: np.ndarray, age: int, known: float = 0.0) -> float:
     """The Gittins index, per output token of work, of a job that has generated ``age`` tokens and must
     first do ``known`` tokens' worth of work that cannot end it: max over b > age of

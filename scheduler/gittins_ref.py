@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 
 from ferry.scheduler.cost_model import CostModel
-from ferry.scheduler.gittins import token_index
+from ferry.scheduler.gittins import last_observed_age, token_index
 from ferry.scheduler.policy import Policy
 from ferry.scheduler.request_state import Job
 
@@ -50,7 +50,7 @@ class GittinsReference(Policy):
     def __init__(self, cost_model: CostModel, max_batch: int) -> None:
         super().__init__()
         self.cost = cost_model
-        self.token_cost = cost_model.base / max(1, max_batch) + cost_model.per_decode_row
+        self.token_cost = cost_model.token_cost(max_batch)
         self.lengths: list[int] = []
         self.F = self.G = None
         self._stale = False
@@ -62,13 +62,9 @@ class GittinsReference(Policy):
         self._stale |= (n & (n - 1)) == 0 or n % REBUILD_EVERY == 0
 
     def index(self, job: Job) -> float:
-        left = max(0, job.prompt_len - job.num_computed)
-        if left > 0:
-            return token_index(self.F, 0, known=self.cost.per_prefill_token * left / self.token_cost)
-        g = min(job.generated, len(self.G) - 1)
-        while g > 0 and self.F[g] <= 0:      # older than every length in the last rebuild: its oldest index
-            g -= 1
-        return float(self.G[g])
+        if job.prompt_left > 0:
+            return token_index(self.F, 0, known=self.cost.per_prefill_token * job.prompt_left / self.token_cost)
+        return float(self.G[last_observed_age(self.F, job.generated)])   # past the last rebuild: its oldest
 
     def order(self, jobs: list[Job]) -> list[Job]:
         if self._stale:

@@ -186,7 +186,8 @@ from __future__ import annotations
 import math
 
 from ferry.scheduler.cost_model import CostModel
-from ferry.scheduler.gittins import gittins_curve, index_from_curve, survival, token_index, token_survival
+from ferry.scheduler.gittins import (gittins_curve, index_from_curve, last_observed_age, survival, token_index,
+                                     token_survival)
 from ferry.scheduler.policy import Policy
 from ferry.scheduler.request_state import Job, State
 
@@ -220,7 +221,7 @@ class SkipJoinMLFQ(Policy):
         self.starve_limit = starve_limit
         self.tail_slack = tail_slack
         # One decode row's share of a full-batch decode step: the cost of one output token.
-        self.token_cost = cost_model.base / max_batch + cost_model.per_decode_row
+        self.token_cost = cost_model.token_cost(max_batch)
         self.q0 = base_quantum if base_quantum is not None else (
             cost_model.per_prefill_token * PRIOR_PROMPT_TOKENS + self.token_cost * PRIOR_DECODE_TOKENS)
         self._floor_prior = cost_model.iteration_time(decode_rows=max_batch) * PRIOR_DECODE_TOKENS
@@ -305,13 +306,11 @@ class SkipJoinMLFQ(Policy):
         the queues are ranked."""
         if self.queue_index is None:
             return -queue
-        left = self.prompt_left(job)
+        left = job.prompt_left
         age = 0
         if left == 0 and job.generated >= 1:
             age = int(AGE_GRID ** math.floor(math.log(job.generated, AGE_GRID) + 1e-9))
-        age = min(age, len(self.token_F) - 1)
-        while age > 0 and self.token_F[age] <= 0.0:      # older than every observation at the last rank
-            age -= 1
+        age = last_observed_age(self.token_F, age)       # older than every observation at the last rank
         key = (age, left)
         if key not in self._index_cache:
             known = self.cost.per_prefill_token * left / self.token_cost
@@ -338,7 +337,7 @@ class SkipJoinMLFQ(Policy):
     def expected_left(self, job: Job) -> float:
         """Cost-model seconds of work ``job`` is expected to still need: its prompt left to prefill
         plus the mean decode service of finished jobs beyond what it has generated."""
-        return (self.cost.per_prefill_token * self.prompt_left(job)
+        return (self.cost.per_prefill_token * job.prompt_left
                 + max(0.0, self.mean_decode - self.token_cost * job.generated))
 
     def measure_ahead(self, jobs: list[Job]) -> None:
@@ -379,17 +378,12 @@ class SkipJoinMLFQ(Policy):
     def order(self, jobs: list[Job]) -> list[Job]:
         def key(j: Job):
             if j.queue >= 0:
-                return (-j.priority, 0, -self.job_index(j, j.queue), j.queue, 0, self.prompt_left(j), j.enqueued,
+                return (-j.priority, 0, -self.job_index(j, j.queue), j.queue, 0, j.prompt_left, j.enqueued,
                         j.arrival)
             if j.rid in self.heads:
                 return (-j.priority, -1, 0.0, 0, 0, 0, j.arrival, j.arrival)
             return (-j.priority, 0, -self.job_index(j, j.tail_from), j.tail_from, -1, 0, j.arrival, j.arrival)
         return sorted(jobs, key=key)
-
-    @staticmethod
-    def prompt_left(job: Job) -> int:
-        """Prompt tokens still to prefill: the part of a job's remaining work that is known."""
-        return max(0, job.prompt_len - job.num_computed)
 
     def on_served(self, job: Job, seconds: float, now: float) -> None:
         job.last_run = now

@@ -31,13 +31,12 @@ class OracleSRPT(Policy):
     def __init__(self, cost_model: CostModel, max_batch: int) -> None:
         super().__init__()
         self.cost = cost_model
-        self.token_cost = cost_model.base / max(1, max_batch) + cost_model.per_decode_row
+        self.token_cost = cost_model.token_cost(max_batch)
 
     def remaining(self, job: Job) -> float:
         """Cost-model seconds of the work ``job`` has left (exact output length assumed)."""
-        prompt_left = max(0, job.prompt_len - job.num_computed)
         out_left = max(0, job.max_tokens - job.generated)
-        return self.cost.per_prefill_token * prompt_left + self.token_cost * out_left
+        return self.cost.per_prefill_token * job.prompt_left + self.token_cost * out_left
 
     def order(self, jobs: list[Job]) -> list[Job]:
         return sorted(jobs, key=lambda j: (-j.priority, self.remaining(j), j.arrival, j.rid))

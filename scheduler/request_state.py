@@ -53,6 +53,11 @@ class Job:
         return self.prompt_len + self.generated
 
     @property
+    def prompt_left(self) -> int:
+        """Prompt tokens still to prefill: the part of the remaining work that is known."""
+        return max(0, self.prompt_len - self.num_computed)
+
+    @property
     def done(self) -> bool:
         return self.state in (State.FINISHED, State.ABORTED)
 

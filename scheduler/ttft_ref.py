@@ -20,6 +20,4 @@ class PrefillFirst(Policy):
     name = "ttft"
 
     def order(self, jobs: list[Job]) -> list[Job]:
-        def left(j: Job) -> int:
-            return max(0, j.prompt_len - j.num_computed)
-        return sorted(jobs, key=lambda j: (-j.priority, left(j) == 0, left(j), j.arrival))
+        return sorted(jobs, key=lambda j: (-j.priority, j.prompt_left == 0, j.prompt_left, j.arrival))

@@ -206,3 +206,11 @@ def test_a_decoding_job_ranks_by_the_index_at_its_grid_age():
     old.generated, young.generated = 600, 100
     assert h.job_index(young, 3) > h.job_index(old, 3)
     assert [j.rid for j in h.order([old, young])] == ["young", "old"]
+
+
+def test_an_age_past_the_estimate_reads_the_oldest_observed_age():
+    from ferry.scheduler.gittins import last_observed_age, token_survival
+    F = token_survival([3, 5, 9], [])                     # every job ended by 9 tokens: F[9:] = 0
+    assert last_observed_age(F, 4) == 4                   # inside the estimate: the age itself
+    assert last_observed_age(F, 9) == last_observed_age(F, 500) == 8    # past it: the oldest age with F > 0
+    assert token_index(F, 8) > 0 == token_index(F, 9)
