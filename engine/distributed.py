@@ -93,7 +93,7 @@ def check_plan(plan) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class _Sync:
-    commands: tuple        # ("add", rid, ids, params, priority) | ("abort", rid) | ("stop",)
+    commands: tuple        # ("add", rid, ids, params, priority, now, length_hint) | ("abort", rid) | ("stop",)
     now: float
 
 
@@ -125,7 +125,8 @@ class MultiHostEngine:
         return getattr(self.engine, name)
 
     # ----------------------------------------------------------------- leader side
-    def add_request(self, request_id, prompt, params=None, priority: int = 0, now: float | None = None) -> None:
+    def add_request(self, request_id, prompt, params=None, priority: int = 0, now: float | None = None,
+                    length_hint: int | None = None) -> None:
         """Validate on the leader (ValueError as usual), then queue the add for every process."""
         from ferry.engine.sampling_params import SamplingParams
         if not self.is_leader:
@@ -136,8 +137,8 @@ class MultiHostEngine:
         if isinstance(prompt, str):
             prompt = self.engine.tokenizer.encode(prompt)
         now = time.monotonic() if now is None else now
-        self.engine.add_request(request_id, prompt, params, priority=priority, now=now)
-        self._commands.append(("add", request_id, list(prompt), params, priority, now))
+        self.engine.add_request(request_id, prompt, params, priority=priority, now=now, length_hint=length_hint)
+        self._commands.append(("add", request_id, list(prompt), params, priority, now, length_hint))
 
     def abort_request(self, request_id: str) -> None:
         if self.is_leader:
@@ -170,8 +171,8 @@ class MultiHostEngine:
         if not self.is_leader:
             for cmd in sync.commands:
                 if cmd[0] == "add":
-                    _, rid, ids, params, priority, now = cmd
-                    self.engine.add_request(rid, ids, params, priority=priority, now=now)
+                    _, rid, ids, params, priority, now, length_hint = cmd
+                    self.engine.add_request(rid, ids, params, priority=priority, now=now, length_hint=length_hint)
                 elif cmd[0] == "abort":
                     self.engine.abort_request(cmd[1])
                 elif cmd[0] == "stop":

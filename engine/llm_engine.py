@@ -203,8 +203,10 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ requests
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
-                    priority: int = 0, now: float | None = None) -> None:
-        """Validate and queue a request; raises ValueError with a clear message on bad input."""
+                    priority: int = 0, now: float | None = None, length_hint: int | None = None) -> None:
+        """Validate and queue a request; raises ValueError with a clear message on bad input.
+        ``length_hint``: predicted output tokens (a client's or a length predictor's); the MLFQ ranks by it
+        (``scheduler/mlfq.py``, change 11), other policies ignore it."""
         from ferry.models.detokenizer import IncrementalDetokenizer
 
         params = params if params is not None else SamplingParams()
@@ -233,7 +235,7 @@ class LLMEngine:
         req = Request(request_id, text, ids, params, seed, stop_ids, IncrementalDetokenizer(self.tokenizer),
                       priority=priority)
         self.scheduler.add(request_id, len(ids), params.max_tokens, time.monotonic() if now is None else now,
-                           priority=priority)
+                           priority=priority, length_hint=length_hint)
         self._requests[request_id] = req
         self.stats_totals["prompt_tokens_total"] += len(ids)
 

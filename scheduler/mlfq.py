@@ -6,7 +6,8 @@ FastServe's mechanism, kept:
 * Skip-join: a new job's prefill is known from its prompt length; it joins the queue it will be in
   once that prefill is done, so long prompts skip queues they would leave at once.
 * Order: the oldest tail-class job (below) first, then every other job by its Gittins index per
-  output token at its age (change 10; FastServe's top-queue-first before 16 jobs finished), then
+  output token at its age (change 10; FastServe's top-queue-first before 16 jobs finished; a job
+  with a length hint on the lengths of jobs hinted alike, change 11), then
   its queue, fewest prompt tokens left to prefill (change 5), then FCFS (entering the queue). The
   Scheduler fills the batch in this order and preempts running jobs left out, at the token
   boundary; proactive offload/upload is the KV planner's (``kv_planner.py``).
@@ -157,6 +158,37 @@ Changed for issue 15 (one default parameter set; cells named mix/memory/arrival/
    jobs at risk taking the last index with 16 (as MIN_AT_RISK does for queues) 106 / 100 / 104,
    37 / 31 / 29 (swap 31 / 36 / 37, but chat_a0.8/limited at seed 1 went up to 1.84x the oracle and
    its FCFS/MLFQ TTFT ratio fell 2.5-5x), or capped at it 107 / 108 / 111, 32 / 17 / 19.
+11. Length hints, for a deployment that has a length predictor (or clients that know): a job may
+   carry ``length_hint``, its predicted output tokens (``Scheduler.add``, ``LLMEngine.add_request``,
+   the server's ``length_hint`` field; without hints nothing changes: the seed-0 sweep is identical).
+   A hinted job takes change 10's index on the Kaplan-Meier estimate of the lengths of finished jobs
+   whose hint fell in its class (``HINT_CLASSES_PER_OCTAVE`` = 4 classes per doubling of the hint;
+   the last ``HINT_WINDOW`` = 1024 hinted jobs, live ones censored; the nearest classes pooled until
+   ``MIN_HINTED`` = 32 finished are in; the unhinted index before 32 hinted jobs finished): the
+   distribution of the length GIVEN the hint, learned, so hints that say nothing give change 10's
+   order back and exact ones SRPT to within a quarter doubling, whatever the predictor's bias.
+   Between two hinted jobs KV makes room only for a job of at least ``HINT_EVICT_FACTOR`` = 2x the
+   victim's index (queues, by attained service, say little about a hinted job's rank; with change 4's
+   queue gap instead, chat_a0.8/limited/poisson/0.8 and cv4/0.9 at sigma 0.5 were 1.19x and 1.28x the
+   oracle, against 1.08x and 1.17x). Measured with a synthetic predictor
+   (``workload.add_length_hints``: the true length x exp(sigma N(0, 1)); at sigma 0.5 the hints' rank
+   correlation with the lengths is 0.58 (chat_a2.0) to 0.84 (chat_a0.8), at sigma 1 0.35-0.66; the
+   sweep's ``--hint-sigma``). Average within 15% of the oracle / p99 no worse than FCFS's / TTFT 5x /
+   swap within 1.5x, at trace seeds 0 / 1 / 2 (``benchmarks/results/sweep_scheduler_hints_s*.json``;
+   no hints: the committed sweeps; summary in ``sweep_scheduler_seeds.json``): no hints 108 / 108 /
+   111, 36 / 18 / 17, 30 / 32 / 27, 30 / 24 / 33; sigma 0.5 117 / 109 / 111, 24 / 16 / 14, 30 / 30 /
+   27, 32 / 32 / 36; sigma 1 108 / 110 / 111, 26 / 13 / 19, 30 / 32 / 27, 32 / 32 / 39; exact hints
+   (seed 0) 116, 24, 30, 29. Worst average over the oracle's: 1.41x / 1.54x / 1.47x without hints,
+   1.27x / 1.47x / 1.33x at sigma 0.5. At seed 0 the 13 p99 cells lost (one gained) are all chat_a2.0
+   ones that sat at 0.95-1.00x FCFS's and went to 1.005-1.06x: hints move the MLFQ toward SRPT, whose
+   own p99 meets FCFS's in 24 cells. A poor predictor can cost: at sigma 1, seed 0,
+   chat_a0.8/limited/poisson/0.9 went 1.22x -> 1.36x the oracle (small classes estimate a heavy tail
+   from 32-64 jobs). Rejected: a ratio model (length = hint x R, R's Kaplan-Meier estimate per class,
+   smoothed in log space), SRPT with exact hints (chat_a0.8/limited/poisson/0.8 1.05x) but at sigma
+   0.5 the bimodal/limited cells went 1.11-1.14x -> 1.18-1.27x the oracle and chat_a2.0 p99 up to
+   1.27x FCFS's (one R for every hint: up to 1.38x): it ignores the prior (a hint between bimodal's
+   modes); one class per doubling (chat_a0.8/limited/cv4/0.9 at sigma 0.5 1.28x against 1.17x); eight
+   (no better at sigma 0.5, worse in chat_a0.8 cells at sigma 1).
    The counts in changes 1-7 were measured with the earlier, assumed GPU cost model.
 Known limits (committed sweep, seed 0, 120 cells at load <= 0.9): average JCT within 15% of the
 oracle in 108 (worst 1.41x, chat_a0.8/limited/cv4/0.9); the 12 misses all have limited KV: 9 of
@@ -165,7 +197,8 @@ reference (``scheduler/gittins_ref.py``: the same index on the true length distr
 age, no quanta, guard or gap) meets 110 and misses the nine chat_a0.8 cells and the chat_a1.2 one
 too (1.17-1.33x): there a Pareto tail of index 0.8 gives an order that does not know each job's
 length too little to go on (even the true remaining output below Q0 left the change-9 MLFQ at 1.16x
-in chat_a0.8/limited/cv4/0.9); a length predictor is the way left. Tried before change 10 for the
+in chat_a0.8/limited/cv4/0.9); a length predictor is the way left (change 11: with hints of sigma
+0.5, 117 cells at seed 0, 109 at seed 1). Tried before change 10 for the
 bimodal cells, none kept: the observed-service window at 512 or 1024 jobs (seed 0 average 100 / 103
 cells, p99 32 / 30), evicting any lower-ranked job, no tail guard, 16 ages per queue with or without
 Q0; partial eviction (only the pages a job lacks, from the end of a victim's KV) cut most limited-KV
@@ -183,7 +216,10 @@ needed by multi-host lockstep and the simulator).
 """
 from __future__ import annotations
 
+import collections
 import math
+
+import numpy as np
 
 from ferry.scheduler.cost_model import CostModel
 from ferry.scheduler.gittins import (gittins_curve, index_from_curve, last_observed_age, survival, token_index,
@@ -201,6 +237,15 @@ MIN_SEEN_FOR_ORDER = 16      # finished jobs before the queue order follows the 
 MIN_AT_RISK = 16             # jobs (finished or live) older than a queue's entry age needed to rank it
 TAIL_HEADS = 1               # oldest tail-class jobs served before every queue; the rest keep their level
 AGE_GRID = 2 ** 0.5          # a decoding job's index is read at grid age floor(AGE_GRID**k) <= its tokens (change 10)
+HINT_WINDOW = 1024           # finished jobs with a length hint kept for the per-class estimates (change 11)
+HINT_CLASSES_PER_OCTAVE = 4  # hint classes per doubling of the hint
+MIN_HINTED = 32              # finished hinted jobs per estimate: a hint class pools its neighbours up to it
+HINT_EVICT_FACTOR = 2.0      # between hinted jobs, KV makes room for a job of at least this x the index
+
+
+def hint_class(hint: int) -> int:
+    """Length-hint class (change 11): floor(HINT_CLASSES_PER_OCTAVE x log2(hint))."""
+    return int(math.floor(HINT_CLASSES_PER_OCTAVE * math.log2(hint) + 1e-9))
 
 
 class SkipJoinMLFQ(Policy):
@@ -228,6 +273,8 @@ class SkipJoinMLFQ(Policy):
         self.wait_floor = self._floor_prior
         self._attained_seen: list[float] = []       # ring of finished jobs' attained service
         self._tokens_seen: list[int] = []           # ring of their output lengths (tokens generated)
+        self._hinted_seen: list[tuple[int, int]] = []   # ring of hinted finished jobs' (hint class, tokens)
+        self._hinted = 0
         self.mean_decode = self.token_cost * PRIOR_DECODE_TOKENS
         self._served_seen: list[float] = []         # ring of finished jobs' time in batches
         self._seen = 0
@@ -236,7 +283,8 @@ class SkipJoinMLFQ(Policy):
         self.queue_index: list[float] | None = None  # each queue's Gittins index once ranked (None: FastServe)
         self.heads: set[str] = set()                  # tail-class jobs served first, as of the last refresh()
         self.token_F = None                           # F[t] = P(output > t), Kaplan-Meier, once ranked (job_index)
-        self._index_cache: dict[tuple[int, int], float] = {}   # (age, prompt tokens left) -> index, per token_F
+        self.hint_F: dict[int, np.ndarray] = {}       # hint class -> F of its jobs' lengths (change 11), once ranked
+        self._index_cache: dict[tuple[int | None, int, int], float] = {}   # (hint class or None, age, prompt left)
         self._rank_stale = False                     # re-rank at the next refresh (live jobs are censored data)
 
     # ------------------------------------------------------------------ derived parameters
@@ -268,6 +316,13 @@ class SkipJoinMLFQ(Policy):
             self._served_seen[self._seen % SERVICE_WINDOW] = job.served
             self._tokens_seen[self._seen % SERVICE_WINDOW] = job.generated
         self._seen += 1
+        if job.length_hint is not None:
+            row = (hint_class(job.length_hint), job.generated)
+            if len(self._hinted_seen) < HINT_WINDOW:
+                self._hinted_seen.append(row)
+            else:
+                self._hinted_seen[self._hinted % HINT_WINDOW] = row
+            self._hinted += 1
         if self._seen < 16 or self._seen % 16 == 0:
             a, s = sorted(self._attained_seen), sorted(self._served_seen)
             if self.fixed_q0 is None:
@@ -292,6 +347,7 @@ class SkipJoinMLFQ(Policy):
             index.append(prev)
         self.queue_index = index
         self.token_F = token_survival(self._tokens_seen, [j.generated for j in live])
+        self.hint_F = self.hint_estimates(live)
         self._index_cache = {}
         by_priority = sorted(range(self.num_queues), key=lambda i: (-index[i], i))
         rank = [0] * self.num_queues
@@ -299,22 +355,42 @@ class SkipJoinMLFQ(Policy):
             rank[i] = pos
         return rank
 
+    def hint_estimates(self, live: list[Job]) -> dict[int, np.ndarray]:
+        """Per hint class (change 11): the Kaplan-Meier F of the output lengths of finished jobs whose
+        hint fell in the class (live ones censored at their generated tokens), pooling the nearest
+        classes on both sides until MIN_HINTED finished jobs are in; none before MIN_HINTED finished."""
+        if len(self._hinted_seen) < MIN_HINTED:
+            return {}
+        live_rows = [(hint_class(j.length_hint), j.generated) for j in live if j.length_hint is not None]
+        per_class = collections.Counter(k for k, _ in self._hinted_seen)
+        out = {}
+        for c in set(per_class) | {c for c, _ in live_rows}:
+            width = 0
+            while sum(n for k, n in per_class.items() if abs(k - c) <= width) < MIN_HINTED:
+                width += 1
+            out[c] = token_survival([n for k, n in self._hinted_seen if abs(k - c) <= width],
+                                    [n for k, n in live_rows if abs(k - c) <= width])
+        return out
+
     def job_index(self, job: Job, queue: int) -> float:
         """A job's priority (change 10): the Gittins index per output token (``gittins.token_index`` on
         ``token_F``) at the grid age floor(AGE_GRID**k) at or below its generated tokens; for a job still
-        prefilling, at age 0 with the prompt left as known work first. FastServe's order (-queue) before
-        the queues are ranked."""
+        prefilling, at age 0 with the prompt left as known work first. A job with a length hint reads
+        the same index on its hint class's F (``hint_F``, change 11) once that is estimated. FastServe's
+        order (-queue) before the queues are ranked."""
         if self.queue_index is None:
             return -queue
         left = job.prompt_left
+        cls = hint_class(job.length_hint) if job.length_hint is not None else None
+        F = self.hint_F.get(cls, self.token_F)
         age = 0
         if left == 0 and job.generated >= 1:
             age = int(AGE_GRID ** math.floor(math.log(job.generated, AGE_GRID) + 1e-9))
-        age = last_observed_age(self.token_F, age)       # older than every observation at the last rank
-        key = (age, left)
+        age = last_observed_age(F, age)       # older than every observation at the last rank
+        key = (cls if F is not self.token_F else None, age, left)
         if key not in self._index_cache:
             known = self.cost.per_prefill_token * left / self.token_cost
-            self._index_cache[key] = token_index(self.token_F, age, known=known)
+            self._index_cache[key] = token_index(F, age, known=known)
         return self._index_cache[key]
 
     def service(self, job: Job) -> float:
@@ -407,7 +483,13 @@ class SkipJoinMLFQ(Policy):
         if victim.queue < 0:
             return False
         mine = for_job.tail_from if for_job.queue < 0 else for_job.queue
+        if self.hinted(victim) and self.hinted(for_job):
+            return self.job_index(for_job, mine) >= HINT_EVICT_FACTOR * self.job_index(victim, victim.queue)
         return self.queue_rank[victim.queue] >= self.queue_rank[mine] + EVICT_GAP
+
+    def hinted(self, job: Job) -> bool:
+        """Is ``job`` ranked by its length hint (change 11)?"""
+        return job.length_hint is not None and hint_class(job.length_hint) in self.hint_F
 
     def queue_stats(self, waiting: list[Job]) -> dict[str, int]:
         counts = {f"waiting_q{i}": 0 for i in range(self.num_queues)}

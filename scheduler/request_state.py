@@ -31,6 +31,7 @@ class Job:
     max_tokens: int
     arrival: float
     priority: int = 0
+    length_hint: int | None = None  # predicted output tokens (a predictor's or the client's); MLFQ only
     state: State = State.WAITING
     generated: int = 0
     num_computed: int = 0

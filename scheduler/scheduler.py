@@ -25,6 +25,7 @@ starvation guard.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 
 from ferry.scheduler.block_manager import PagePool, check_ownership
 from ferry.scheduler.cost_model import CostModel
@@ -81,16 +82,22 @@ class Scheduler:
     def pages_for(self, tokens: int) -> int:
         return -(-tokens // self.cfg.page_size)
 
-    def add(self, rid: str, prompt_len: int, max_tokens: int, now: float, priority: int = 0) -> None:
+    def add(self, rid: str, prompt_len: int, max_tokens: int, now: float, priority: int = 0,
+            length_hint: int | None = None) -> None:
+        """Queue a job. ``length_hint``: a prediction of its output tokens (from a length predictor or
+        the client), which the MLFQ ranks by (``mlfq.py``, change 11); other policies ignore it."""
         if rid in self.jobs:
             raise ValueError(f"duplicate request id {rid!r}")
         if prompt_len < 1 or max_tokens < 1:
             raise ValueError("prompt_len and max_tokens must be >= 1")
+        if length_hint is not None and (isinstance(length_hint, bool) or not isinstance(length_hint, numbers.Integral)
+                                        or length_hint < 1):
+            raise ValueError(f"length_hint must be a positive int of output tokens, got {length_hint!r}")
         need = self.pages_for(prompt_len + max_tokens)
         if need > self.device.total:
             raise ValueError(f"request needs {need} KV pages but the device has {self.device.total}: "
                              f"prompt + max_tokens = {prompt_len + max_tokens} tokens is too long for this cache")
-        job = Job(rid, prompt_len, max_tokens, now, priority)
+        job = Job(rid, prompt_len, max_tokens, now, priority=priority, length_hint=length_hint)
         self.policy.on_add(job, now)
         self.jobs[rid] = job
 

@@ -74,7 +74,9 @@ def simulate(trace: list[dict], cfg: SchedulerConfig, check_every: int = 0,
     while nxt < len(jobs) or sched.has_unfinished():
         while nxt < len(jobs) and trace[jobs[nxt]]["arrival"] <= now:
             i = jobs[nxt]
-            sched.add(str(i), int(trace[i]["prompt_len"]), out_len[str(i)], float(trace[i]["arrival"]))
+            hint = trace[i].get("length_hint")
+            sched.add(str(i), int(trace[i]["prompt_len"]), out_len[str(i)], float(trace[i]["arrival"]),
+                      length_hint=None if hint is None else int(hint))
             nxt += 1
         if not sched.has_unfinished():
             now = float(trace[jobs[nxt]]["arrival"])

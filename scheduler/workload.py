@@ -1,7 +1,7 @@
 """Serving workloads: synthetic traces and JSONL I/O.
 
 A trace is a list of jobs ``{"arrival": s, "prompt_len": int, "output_len": int}``
-(optional ``"prompt"`` text), one JSON object per line on disk. Arrivals are
+(optional ``"prompt"`` text and ``"length_hint"``, a predicted output length), one JSON object per line on disk. Arrivals are
 Poisson or Gamma (coefficient of variation ``cv``: burstier when > 1); lengths
 are heavy-tailed like the FastServe paper's workloads: most answers are short,
 a few are very long (bounded Pareto output lengths, log-normal prompts).
@@ -76,6 +76,17 @@ def generate(num_jobs: int, *, load: float = 0.85, arrival: str = "gamma", cv: f
             for a, p, o in zip(t, prompts, outs)]
 
 
+def add_length_hints(trace: list[dict], sigma: float, seed: int = 0) -> list[dict]:
+    """``trace`` with a ``length_hint`` per job: its output length times exp(``sigma`` x N(0, 1)),
+    rounded, at least 1: a stand-in for a length predictor whose error is log-normal (``sigma`` 0:
+    exact). Real predictors are worse on some prompts than others; this one errs alike on all."""
+    if sigma < 0:
+        raise ValueError("sigma must be >= 0")
+    rng = np.random.default_rng([seed, 1])
+    noise = np.exp(sigma * rng.standard_normal(len(trace)))
+    return [{**j, "length_hint": max(1, int(round(j["output_len"] * z)))} for j, z in zip(trace, noise)]
+
+
 def write_jsonl(path: str, jobs: list[dict]) -> None:
     with open(path, "w") as f:
         for j in jobs:
@@ -91,7 +102,8 @@ def read_jsonl(path: str) -> list[dict]:
             try:
                 j = json.loads(line)
                 jobs.append({"arrival": float(j["arrival"]), "prompt_len": int(j["prompt_len"]),
-                             "output_len": int(j["output_len"]), **({"prompt": j["prompt"]} if "prompt" in j else {})})
+                             "output_len": int(j["output_len"]), **({"prompt": j["prompt"]} if "prompt" in j else {}),
+                             **({"length_hint": int(j["length_hint"])} if "length_hint" in j else {})})
             except (ValueError, KeyError, TypeError) as e:
                 raise ValueError(f"{path}:{n}: bad trace line ({e}); want arrival, prompt_len, output_len") from e
     return jobs

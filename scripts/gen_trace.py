@@ -2,7 +2,9 @@
 
 usage: python scripts/gen_trace.py OUT.jsonl [--jobs 2000] [--load 0.9] [--arrival gamma|poisson] [--cv 2]
            [--alpha 0.8] [--out-max 2048] [--prompt-median 64] [--max-batch 32] [--cost-model gpu|cpu|FILE]
-           [--rate JOBS_PER_S] [--seed 0]
+           [--rate JOBS_PER_S] [--seed 0] [--hint-sigma S]
+``--hint-sigma``: every job also gets a ``length_hint`` (its output length with log-normal error of that
+sigma: a stand-in for a length predictor; the MLFQ ranks by it, ``workload.add_length_hints``).
 """
 import argparse
 import os
@@ -11,7 +13,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ferry.scheduler.cost_model import CostModel  # noqa: E402
-from ferry.scheduler.workload import generate, write_jsonl  # noqa: E402
+from ferry.scheduler.workload import add_length_hints, generate, write_jsonl  # noqa: E402
 
 # The simulator's GPU profile: the fit on an H200 of the engine with random weights of Llama-3-8B's
 # shape, batch 32, bf16 (benchmarks/results/gpu/cost_model_llama-3-8b_nvidia_h200.json; a test keeps
@@ -43,10 +45,13 @@ def main():
     ap.add_argument("--cost-model", default="gpu")
     ap.add_argument("--rate", type=float, default=None, help="jobs/s (overrides --load)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--hint-sigma", type=float, default=None, help="add length hints with this log-normal error")
     a = ap.parse_args()
     jobs = generate(a.jobs, load=a.load, arrival=a.arrival, cv=a.cv, prompt_median=a.prompt_median,
                     prompt_max=a.prompt_max, out_min=a.out_min, out_max=a.out_max, alpha=a.alpha,
                     max_batch=a.max_batch, cost=cost_model(a.cost_model), rate=a.rate, seed=a.seed)
+    if a.hint_sigma is not None:
+        jobs = add_length_hints(jobs, a.hint_sigma, a.seed)
     write_jsonl(a.out, jobs)
     print(f"wrote {len(jobs)} jobs to {a.out} (last arrival {jobs[-1]['arrival']:.1f} s)")
 

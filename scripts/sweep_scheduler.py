@@ -15,6 +15,8 @@ FCFS's). Writes the JSON (with the command line and the machine), a Markdown tab
 (``.md``) and one heat-map PNG per metric (``<plots>_<metric>.png``: MLFQ/FCFS and MLFQ/oracle).
 ``--smoke`` runs 4 tiny cells (seconds; CI runs it in tests/scheduler/test_sweep.py).
 ``--base-quantum/--starve-limit/--tail-slack`` override the MLFQ defaults (for a baseline run only).
+``--hint-sigma S`` gives every job a length hint (``workload.add_length_hints``: its length x exp(S N(0, 1)),
+the same traces otherwise); only the MLFQ reads hints (change 11), each cell records ``hint_spearman``.
 """
 import argparse
 import dataclasses
@@ -33,7 +35,7 @@ from gen_trace import GPU  # noqa: E402
 
 from ferry.scheduler.scheduler import SchedulerConfig  # noqa: E402
 from ferry.scheduler.simulator import simulate, summarize  # noqa: E402
-from ferry.scheduler.workload import generate  # noqa: E402
+from ferry.scheduler.workload import add_length_hints, generate  # noqa: E402
 
 MAX_BATCH, PAGE, CHUNK, HOST_PAGES = 32, 16, 256, 1 << 16
 POLICIES = ("fcfs", "mlfq", "oracle", "gittins", "ttft")
@@ -87,12 +89,15 @@ def config(policy: str, pages: int, mlfq: dict | None = None) -> SchedulerConfig
                            cost_model=GPU, **(mlfq or {}))
 
 
-def run_cell(cell: Cell, jobs: int, seed: int, mlfq: dict | None = None) -> dict:
+def run_cell(cell: Cell, jobs: int, seed: int, mlfq: dict | None = None, hint_sigma: float | None = None) -> dict:
     mix = next(m for m in MIXES if m.name == cell.mix)
     trace = generate(jobs, load=cell.load, arrival=cell.arrival, cv=cell.cv, max_batch=MAX_BATCH, cost=GPU,
                      seed=seed, chunk=CHUNK, **mix.gen)
     pages = pages_for(trace, cell.memory)
     out = {"cell": dataclasses.asdict(cell), "device_pages": pages, "ttft_floor": ttft_floor(trace)}
+    if hint_sigma is not None:        # every job carries a predicted length; only the MLFQ reads it
+        trace = add_length_hints(trace, hint_sigma, seed)
+        out["hint_spearman"] = spearman([j["length_hint"] for j in trace], [j["output_len"] for j in trace])
     for pol in POLICIES:
         res, stats = simulate(trace, config(pol, pages, mlfq if pol == "mlfq" else None))
         s = summarize(res, stats)
@@ -104,6 +109,14 @@ def run_cell(cell: Cell, jobs: int, seed: int, mlfq: dict | None = None) -> dict
     out["swap_mlfq_over_fcfs"] = m["swap_pages"] / max(f["swap_pages"], 1)
     out["gittins_over_oracle"] = {k: out["gittins"][k] / o[k] for k in ("avg_jct", "p99_jct")}
     return out
+
+
+def spearman(x: list[int], y: list[int]) -> float:
+    """Rank correlation of the hints with the lengths (ties ranked by position: the bounded mixes
+    have many equal lengths, so this is a little below the tie-corrected value)."""
+    import numpy as np
+    rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
+    return float(np.corrcoef(rx, ry)[0, 1])
 
 
 def ttft_floor(trace: list[dict]) -> float:
@@ -218,6 +231,8 @@ def main(argv=None):
     ap.add_argument("--base-quantum", type=float, default=None, help="MLFQ override (default: derived)")
     ap.add_argument("--starve-limit", type=float, default=None, help="MLFQ override (default: none)")
     ap.add_argument("--tail-slack", type=float, default=None, help="MLFQ override (default: SchedulerConfig's)")
+    ap.add_argument("--hint-sigma", type=float, default=None,
+                    help="give every job a length hint with log-normal error of this sigma (MLFQ reads it)")
     a = ap.parse_args(argv)
     jobs = 60 if a.smoke else a.jobs
     todo = cells(a.smoke)
@@ -226,14 +241,16 @@ def main(argv=None):
     t0 = time.perf_counter()
     if a.procs > 1:
         with ProcessPoolExecutor(a.procs) as ex:
-            rows = list(ex.map(run_cell, todo, [jobs] * len(todo), [a.seed] * len(todo), [mlfq] * len(todo)))
+            rows = list(ex.map(run_cell, todo, [jobs] * len(todo), [a.seed] * len(todo), [mlfq] * len(todo),
+                               [a.hint_sigma] * len(todo)))
     else:
-        rows = [run_cell(c, jobs, a.seed, mlfq) for c in todo]
+        rows = [run_cell(c, jobs, a.seed, mlfq, a.hint_sigma) for c in todo]
     out = {"command": "python " + " ".join([os.path.relpath(__file__)] + list(argv if argv is not None else
                                                                               sys.argv[1:])),
            "machine": f"{platform.machine()} VM, {os.cpu_count()} CPU cores, no accelerator; discrete-event "
                       f"simulator (pure Python), GPU cost model (H200 fit) {dataclasses.asdict(GPU)}",
-           "python": platform.python_version(), "jobs_per_cell": jobs, "mlfq_overrides": mlfq, "seed": a.seed, "max_batch": MAX_BATCH,
+           "python": platform.python_version(), "jobs_per_cell": jobs, "mlfq_overrides": mlfq, "hint_sigma": a.hint_sigma,
+           "seed": a.seed, "max_batch": MAX_BATCH,
            "page_size": PAGE, "chunk": CHUNK, "wall_s": round(time.perf_counter() - t0, 1),
            "targets": targets(rows), "cells": rows}
     os.makedirs(os.path.dirname(os.path.abspath(a.output)), exist_ok=True)

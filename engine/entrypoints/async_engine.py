@@ -60,6 +60,7 @@ class _Add:
     prompt: str | Sequence[int]
     params: SamplingParams
     priority: int
+    length_hint: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,8 +189,9 @@ class AsyncEngine:
 
     # -- caller API ---------------------------------------------------------------
     async def add_request(self, prompt: str | Sequence[int], params: SamplingParams,
-                          request_id: str | None = None, priority: int = 0) -> RequestStream:
-        """Admit one request and return its output stream.
+                          request_id: str | None = None, priority: int = 0,
+                          length_hint: int | None = None) -> RequestStream:
+        """Admit one request and return its output stream (``length_hint``: ``LLMEngine.add_request``'s).
 
         Raises ``ValueError`` (invalid request), ``EngineOverloaded`` or ``EngineClosed``.
         """
@@ -204,7 +206,7 @@ class AsyncEngine:
                 raise EngineOverloaded(f"the server is overloaded ({pending} requests waiting); "
                                        "retry later", self.retry_after)
             self._in_flight += 1
-            self._commands.put(_Add(stream, prompt, params, priority))
+            self._commands.put(_Add(stream, prompt, params, priority, length_hint))
         try:
             await stream._wait_accepted()
         except asyncio.CancelledError:
@@ -213,12 +215,13 @@ class AsyncEngine:
         return stream
 
     async def generate(self, prompt: str | Sequence[int], params: SamplingParams,
-                       request_id: str | None = None, priority: int = 0) -> AsyncIterator[RequestOutput]:
+                       request_id: str | None = None, priority: int = 0,
+                       length_hint: int | None = None) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs as they are produced; the last has ``finished=True``.
 
         Closing the generator early (or cancelling the task) aborts the request.
         """
-        stream = await self.add_request(prompt, params, request_id, priority)
+        stream = await self.add_request(prompt, params, request_id, priority, length_hint)
         try:
             async for out in stream:
                 yield out
@@ -321,7 +324,8 @@ class AsyncEngine:
         if isinstance(cmd, _Add):
             stream = cmd.stream
             try:
-                self._engine.add_request(stream.request_id, cmd.prompt, cmd.params, cmd.priority)
+                self._engine.add_request(stream.request_id, cmd.prompt, cmd.params, cmd.priority,
+                                         length_hint=cmd.length_hint)
             except Exception as exc:     # ValueError for bad input; anything else is a bug
                 if not isinstance(exc, ValueError):
                     logger.exception("add_request failed for %s", stream.request_id)

@@ -116,7 +116,7 @@ class LLM:
 
     def replay(self, jobs: Iterable[dict]) -> list[dict]:
         """Replay a trace in real time: each job ``{"arrival", "prompt_len", "output_len"}``
-        (optional ``"prompt"``) is submitted at its arrival offset with ignore_eos and
+        (optional ``"prompt"`` and ``"length_hint"``) is submitted at its arrival offset with ignore_eos and
         max_tokens=output_len. Returns per job: arrival, first_token, finish (seconds
         from the start) and num_output_tokens."""
         jobs = sorted(jobs, key=lambda j: j["arrival"])
@@ -130,7 +130,8 @@ class LLM:
                 prompt = j.get("prompt") or [(7 * i + nxt) % (vocab - 1) + 1 for i in range(int(j["prompt_len"]))]
                 rid = f"job-{nxt}"
                 self.engine.add_request(rid, prompt, SamplingParams(
-                    max_tokens=int(j["output_len"]), temperature=0.0, ignore_eos=True))
+                    max_tokens=int(j["output_len"]), temperature=0.0, ignore_eos=True),
+                    **({"length_hint": int(j["length_hint"])} if j.get("length_hint") is not None else {}))
                 ids[rid] = nxt
                 res[rid] = {"arrival": j["arrival"], "first_token": None, "finish": None, "num_output_tokens": 0}
                 nxt += 1

@@ -95,7 +95,7 @@ class _Handler:
         params = self._params(body, max_tokens, body.logprobs, n)
         rid = f"cmpl-{uuid.uuid4().hex}"
         jobs = [(p * n + k, prompt, params[k]) for p, prompt in enumerate(prompts) for k in range(n)]
-        admitted = await self._admit(rid, jobs, body.priority or 0, "prompt")
+        admitted = await self._admit(rid, jobs, body.priority or 0, "prompt", body.length_hint)
         echo = {}
         if body.echo:
             echo = {p * n + k: (prompt if isinstance(prompt, str) else self.engine.tokenizer.decode(prompt))
@@ -147,7 +147,7 @@ class _Handler:
         params = self._params(body, max_tokens, num_logprobs, n)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         admitted = await self._admit(rid, [(k, prompt_ids, params[k]) for k in range(n)],
-                                     body.priority or 0, "messages")
+                                     body.priority or 0, "messages", body.length_hint)
         created = int(time.time())
         want_lps = num_logprobs is not None
         if body.stream:
@@ -197,11 +197,12 @@ class _Handler:
         except ValueError as exc:
             raise _value_error(exc) from None
 
-    async def _admit(self, rid: str, jobs, priority: int, prompt_param: str) -> _Admitted:
+    async def _admit(self, rid: str, jobs, priority: int, prompt_param: str,
+                     length_hint: int | None = None) -> _Admitted:
         admitted = _Admitted()
         try:
             for index, prompt, params in jobs:
-                stream = await self.engine.add_request(prompt, params, f"{rid}-{index}", priority)
+                stream = await self.engine.add_request(prompt, params, f"{rid}-{index}", priority, length_hint)
                 admitted.streams.append((index, stream))
         except ValueError as exc:
             admitted.abort_all()

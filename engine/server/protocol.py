@@ -68,6 +68,7 @@ class _SamplingRequest(BaseModel):
     ignore_eos: Optional[bool] = False
     stop_token_ids: Optional[list[int]] = None
     priority: Optional[int] = 0
+    length_hint: Optional[int] = Field(default=None, ge=1)   # predicted output tokens (Ferry extension)
 
     @field_validator("*")
     @classmethod

@@ -81,8 +81,19 @@ def test_bad_requests_raise_and_engine_keeps_serving(llm):
         llm.generate([[1, 2, 10**9]], SamplingParams(max_tokens=4))
     with pytest.raises(ValueError, match="prompt must be"):
         eng.add_request("x", 3.5, SamplingParams())
+    for bad in (0, -2, 1.5):
+        with pytest.raises(ValueError, match="length_hint"):
+            eng.add_request("hinted", "The capital of France is", SamplingParams(), length_hint=bad)
     out = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=5))[0]
     assert out.finish_reason in ("stop", "length") and out.token_ids
+    assert _pages_free(eng)
+    # The same id after the refusals: nothing was half-added. A hint orders work; it never changes tokens.
+    eng.add_request("hinted", "The capital of France is", SamplingParams(temperature=0, max_tokens=5), length_hint=3)
+    assert eng.scheduler.jobs["hinted"].length_hint == 3
+    final = None
+    while final is None:
+        final = next((o for o in eng.step() if o.request_id == "hinted" and o.finished), None)
+    assert final.token_ids == out.token_ids
     assert _pages_free(eng)
 
 

@@ -77,6 +77,7 @@ class FakeEngine:
         self.vocab_size = vocab_size
         self.fail_steps = 0
         self.threads: set[int] = set()
+        self.length_hints: dict[str, int | None] = {}
         self.steps = 0
         self.aborted: list[str] = []
         self._requests: dict[str, _Req] = {}      # insertion order = FCFS
@@ -88,7 +89,8 @@ class FakeEngine:
     def _touch(self) -> None:
         self.threads.add(threading.get_ident())
 
-    def add_request(self, request_id: str, prompt, params: SamplingParams | None = None, priority: int = 0) -> None:
+    def add_request(self, request_id: str, prompt, params: SamplingParams | None = None, priority: int = 0,
+                    length_hint: int | None = None) -> None:
         self._touch()
         params = params or SamplingParams()
         if request_id in self._requests:
@@ -109,6 +111,7 @@ class FakeEngine:
                              f"context length max_model_len={self.max_model_len}")
         seed = params.seed if params.seed is not None else len(self._requests) + self.steps
         self._requests[request_id] = _Req(request_id, text, ids, params, seed, priority)
+        self.length_hints[request_id] = length_hint      # what the server passed (tests read it)
         self._totals["prompt_tokens_total"] += len(ids)
 
     def abort_request(self, request_id: str) -> None:

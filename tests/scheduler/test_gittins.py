@@ -95,7 +95,8 @@ def test_index_falls_with_age_for_heavy_tails_and_rises_past_a_short_mode():
 
 
 def _finished(m, attained, generated=None):
-    job = dataclasses.make_dataclass("J", [("attained", float), ("served", float), ("generated", int, dataclasses.field(default=0))])
+    job = dataclasses.make_dataclass("J", [("attained", float), ("served", float), ("generated", int, dataclasses.field(default=0)),
+                                          ("length_hint", object, dataclasses.field(default=None))])
     for a, g in zip(attained, generated if generated is not None else [0] * len(attained)):
         m.on_finish(job(attained=a, served=a, generated=int(g)))
 
@@ -120,7 +121,7 @@ def test_mlfq_serves_an_old_queue_first_when_its_jobs_are_near_the_end():
 def test_eviction_gap_follows_the_queue_order():
     m = SkipJoinMLFQ(COST, max_batch=4)
     m.queue_rank = [0, 5, 4, 3, 2, 1]                        # queue 5 served right after queue 0
-    J = dataclasses.make_dataclass("J", [("queue", int)])
+    J = dataclasses.make_dataclass("J", [("queue", int), ("length_hint", object, dataclasses.field(default=None))])
     assert m.may_evict(J(1), J(5))                           # queue 1 ranks 4 places below queue 5
     assert not m.may_evict(J(5), J(1))                       # the served-first queue keeps its KV
     assert not m.may_evict(J(4), J(5))                       # one place apart: no eviction

@@ -50,3 +50,17 @@ def test_ttft_floor_is_a_job_alone_and_bounds_every_policy():
     for pol in ("fcfs", "mlfq", "oracle", "gittins", "ttft"):
         res, _ = simulate(burst, S.config(pol, 2000))
         assert sum(r.ttft for r in res) / len(res) > floor
+
+
+def test_hint_sigma_gives_hints_only_the_mlfq_reads():
+    """``--hint-sigma``: each cell records the hints' rank correlation (1 for exact hints, lower with
+    error); FCFS and the oracle ignore hints (identical numbers), the MLFQ reads them (different ones on
+    a cell long enough to learn from)."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import sweep_scheduler as S
+    cell = S.Cell("chat_a0.8", "gamma", 2.0, 0.8, "limited")
+    plain, exact, noisy = (S.run_cell(cell, 200, 0, None, s) for s in (None, 0.0, 1.0))
+    assert "hint_spearman" not in plain and exact["hint_spearman"] == 1.0 and 0.3 < noisy["hint_spearman"] < 0.9
+    for pol in ("fcfs", "oracle"):
+        assert exact[pol] == plain[pol] == noisy[pol]
+    assert exact["mlfq"] != plain["mlfq"]

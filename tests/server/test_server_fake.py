@@ -191,6 +191,10 @@ BAD = [
     ("/v1/completions", {"model": "fake", "prompt": "x", "stop": 5}, 400),
     ("/v1/completions", {"model": "fake", "prompt": "x", "stream": "yes please"}, 400),
     ("/v1/completions", {"model": "fake", "prompt": "x" * 100, "max_tokens": 50}, 400),    # beyond context
+    ("/v1/completions", {"model": "fake", "prompt": "x", "length_hint": 0}, 400),
+    ("/v1/completions", {"model": "fake", "prompt": "x", "length_hint": 2.5}, 400),
+    ("/v1/chat/completions", {"model": "fake", "messages": [{"role": "user", "content": "x"}],
+                              "length_hint": -3}, 400),
     ("/v1/chat/completions", {"model": "fake", "messages": "hi"}, 400),
     ("/v1/chat/completions", {"model": "fake", "messages": []}, 400),
     ("/v1/chat/completions", {"model": "fake", "messages": [{"role": "robot", "content": "x"}]}, 400),
@@ -353,6 +357,24 @@ def test_load_test_script_reports_rates_and_percentiles(server, tmp_path):
     assert res["output_tokens"] == 5 * res["requests"] and res["requests_per_s"] > 0
     assert 0 < res["ttft_p50"] <= res["ttft_p99"] and 0 < res["itl_p50"] <= res["itl_p99"]
     assert json.loads(out.read_text())["requests"] == res["requests"]
+    assert _idle(aeng, eng)
+
+
+def test_length_hint_reaches_the_engine(server):
+    """The ``length_hint`` extension (predicted output tokens, read by the MLFQ) is passed to the engine
+    for every choice of a completion and a chat request; absent, the engine gets None."""
+    url, eng, aeng = server
+    r = httpx.post(url + "/v1/completions", json={"model": "fake", "prompt": "hint", "max_tokens": 3, "n": 2,
+                                                   "length_hint": 40})
+    assert r.status_code == 200, r.text
+    rid = r.json()["id"]
+    assert {k: v for k, v in eng.length_hints.items() if k.startswith(rid)} == {f"{rid}-0": 40, f"{rid}-1": 40}
+    r = httpx.post(url + "/v1/chat/completions", json={"model": "fake", "max_tokens": 3, "length_hint": 7,
+                                                        "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 200, r.text
+    assert eng.length_hints[r.json()["id"] + "-0"] == 7
+    r = httpx.post(url + "/v1/completions", json={"model": "fake", "prompt": "none", "max_tokens": 2})
+    assert eng.length_hints[r.json()["id"] + "-0"] is None
     assert _idle(aeng, eng)
 
 
