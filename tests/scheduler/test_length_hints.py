@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from ferry.scheduler.cost_model import CostModel
 from ferry.scheduler.gittins import token_index, token_survival
@@ -14,6 +15,7 @@ from ferry.scheduler.mlfq import MIN_HINTED, SkipJoinMLFQ
 from ferry.scheduler.request_state import Job
 from ferry.scheduler.scheduler import Scheduler, SchedulerConfig
 from ferry.scheduler.workload import add_length_hints, generate, read_jsonl, write_jsonl
+from tests.scheduler.test_tail_guard import _cfg as tail_cfg, run_and_check
 
 COST = CostModel(base=0.01, per_prefill_token=0.001, per_decode_row=0.001, per_context_token=0.0,
                  per_swap_page=0.0)
@@ -152,3 +154,36 @@ def test_exact_hints_bring_the_mlfq_near_the_oracle_where_age_says_little():
         avg[name] = summarize(res, stats)["avg_jct"]
     assert avg["hinted"] < 1.15 * avg["oracle"], avg
     assert avg["plain"] > 1.15 * avg["hinted"], avg
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.floats(0, 2), st.integers(1, 40), st.integers(1, 30), st.integers(1, 200)),
+                min_size=1, max_size=25), st.integers(19, 40), st.integers(0, 30))
+def test_random_hinted_traces_finish_with_pages_accounted(monkeypatch, jobs, dev_pages, host_pages):
+    """Hints of any quality (random here, unrelated to the lengths), read from the second finished job on
+    (MIN_HINTED and MIN_SEEN_FOR_ORDER patched to 2: the rule, not the thresholds, is under test), with scarce device pages and
+    few or no host pages (drops and recompute): every job finishes and every page is accounted for after
+    each iteration (the factor-2 eviction rule cannot make two jobs take turns forever)."""
+    from ferry.scheduler import mlfq
+    from ferry.scheduler.simulator import simulate
+    monkeypatch.setattr(mlfq, "MIN_HINTED", 2)
+    monkeypatch.setattr(mlfq, "MIN_SEEN_FOR_ORDER", 2)
+    trace = [{"arrival": a, "prompt_len": p, "output_len": o, "length_hint": h} for a, p, o, h in jobs]
+    cfg = SchedulerConfig(max_batch=3, max_tokens_per_step=16, max_prefill_chunk=8, page_size=4,
+                          num_device_pages=dev_pages, num_host_pages=host_pages, policy="mlfq", cost_model=COST)
+    res, stats = simulate(trace, cfg, check_every=1)
+    assert len(res) == len(trace) and all(r.finish >= r.first_token >= r.arrival for r in res)
+    assert stats["device_pages_used"] == 0 and stats["host_pages_used"] == 0
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.floats(0, 3), st.integers(1, 60), st.integers(1, 80), st.integers(1, 300)),
+                min_size=1, max_size=30), st.integers(1, 3))
+def test_no_hinted_job_waits_past_the_tail_bound(monkeypatch, jobs, max_batch):
+    """The tail guard's documented bound (tests/scheduler/test_tail_guard.py) holds with hints read."""
+    from ferry.scheduler import mlfq
+    monkeypatch.setattr(mlfq, "MIN_HINTED", 2)
+    monkeypatch.setattr(mlfq, "MIN_SEEN_FOR_ORDER", 2)
+    trace = [{"arrival": a, "prompt_len": p, "output_len": o, "length_hint": h} for a, p, o, h in jobs]
+    violations, unfinished = run_and_check(trace, tail_cfg(max_batch))
+    assert not violations and not unfinished

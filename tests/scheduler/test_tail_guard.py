@@ -36,7 +36,8 @@ def run_and_check(trace, cfg, max_iters=20_000):
     while (pending or s.has_unfinished()) and it < max_iters:
         while pending and trace[pending[0]]["arrival"] <= now:
             i = pending.pop(0)
-            s.add(str(i), trace[i]["prompt_len"], trace[i]["output_len"], trace[i]["arrival"])
+            s.add(str(i), trace[i]["prompt_len"], trace[i]["output_len"], trace[i]["arrival"],
+                  length_hint=trace[i].get("length_hint"))
         if not s.has_unfinished():
             now = trace[pending[0]]["arrival"]
             continue
