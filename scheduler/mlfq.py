@@ -271,12 +271,12 @@ class SkipJoinMLFQ(Policy):
             cost_model.per_prefill_token * PRIOR_PROMPT_TOKENS + self.token_cost * PRIOR_DECODE_TOKENS)
         self._floor_prior = cost_model.iteration_time(decode_rows=max_batch) * PRIOR_DECODE_TOKENS
         self.wait_floor = self._floor_prior
-        self._attained_seen: list[float] = []       # ring of finished jobs' attained service
-        self._tokens_seen: list[int] = []           # ring of their output lengths (tokens generated)
-        self._hinted_seen: list[tuple[int, int]] = []   # ring of hinted finished jobs' (hint class, tokens)
-        self._hinted = 0
+        # Rings of the last finished jobs (order does not matter: every reader sorts or sums them).
+        self._attained_seen = collections.deque(maxlen=SERVICE_WINDOW)    # f64: their attained service
+        self._tokens_seen = collections.deque(maxlen=SERVICE_WINDOW)      # int: their output lengths (tokens)
+        self._served_seen = collections.deque(maxlen=SERVICE_WINDOW)      # f64: their time in batches
+        self._hinted_seen = collections.deque(maxlen=HINT_WINDOW)         # (hint class, tokens) of hinted ones
         self.mean_decode = self.token_cost * PRIOR_DECODE_TOKENS
-        self._served_seen: list[float] = []         # ring of finished jobs' time in batches
         self._seen = 0
         self.tail_promotions = 0
         self.queue_rank = list(range(num_queues))    # priority position of each queue (0 = served first)
@@ -307,22 +307,12 @@ class SkipJoinMLFQ(Policy):
     def on_finish(self, job: Job) -> None:
         """Observed service distribution: Q0 = its Q0_QUANTILE (unless ``base_quantum`` fixes Q0), the wait
         floor = its FLOOR_QUANTILE."""
-        if self._seen < SERVICE_WINDOW:
-            self._attained_seen.append(job.attained)
-            self._served_seen.append(job.served)
-            self._tokens_seen.append(job.generated)
-        else:
-            self._attained_seen[self._seen % SERVICE_WINDOW] = job.attained
-            self._served_seen[self._seen % SERVICE_WINDOW] = job.served
-            self._tokens_seen[self._seen % SERVICE_WINDOW] = job.generated
+        self._attained_seen.append(job.attained)
+        self._served_seen.append(job.served)
+        self._tokens_seen.append(job.generated)
         self._seen += 1
         if job.length_hint is not None:
-            row = (hint_class(job.length_hint), job.generated)
-            if len(self._hinted_seen) < HINT_WINDOW:
-                self._hinted_seen.append(row)
-            else:
-                self._hinted_seen[self._hinted % HINT_WINDOW] = row
-            self._hinted += 1
+            self._hinted_seen.append((hint_class(job.length_hint), job.generated))
         if self._seen < 16 or self._seen % 16 == 0:
             a, s = sorted(self._attained_seen), sorted(self._served_seen)
             if self.fixed_q0 is None:
@@ -381,13 +371,13 @@ class SkipJoinMLFQ(Policy):
         if self.queue_index is None:
             return -queue
         left = job.prompt_left
-        cls = hint_class(job.length_hint) if job.length_hint is not None else None
-        F = self.hint_F.get(cls, self.token_F)
+        cls = hint_class(job.length_hint) if self.hinted(job) else None
+        F = self.token_F if cls is None else self.hint_F[cls]
         age = 0
         if left == 0 and job.generated >= 1:
             age = int(AGE_GRID ** math.floor(math.log(job.generated, AGE_GRID) + 1e-9))
         age = last_observed_age(F, age)       # older than every observation at the last rank
-        key = (cls if F is not self.token_F else None, age, left)
+        key = (cls, age, left)
         if key not in self._index_cache:
             known = self.cost.per_prefill_token * left / self.token_cost
             self._index_cache[key] = token_index(F, age, known=known)

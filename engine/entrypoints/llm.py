@@ -131,7 +131,7 @@ class LLM:
                 rid = f"job-{nxt}"
                 self.engine.add_request(rid, prompt, SamplingParams(
                     max_tokens=int(j["output_len"]), temperature=0.0, ignore_eos=True),
-                    **({"length_hint": int(j["length_hint"])} if j.get("length_hint") is not None else {}))
+                    length_hint=None if j.get("length_hint") is None else int(j["length_hint"]))
                 ids[rid] = nxt
                 res[rid] = {"arrival": j["arrival"], "first_token": None, "finish": None, "num_output_tokens": 0}
                 nxt += 1
