@@ -41,7 +41,7 @@ def check_ownership(jobs, device: PagePool, host: PagePool, first_device_page: i
             assert p >= first_device_page, f"{j.rid} owns reserved device page {p}"
             assert p not in seen_dev, f"device page {p} owned by {seen_dev[p]} and {j.rid}"
             seen_dev[p] = j.rid
-        for p in j.host_pages:
+        for p in j.host_pages + j.host_copy:
             assert p not in seen_host, f"host page {p} owned by {seen_host[p]} and {j.rid}"
             seen_host[p] = j.rid
     assert not (set(seen_dev) & device.free_set()), "a device page is both owned and free"

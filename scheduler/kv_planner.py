@@ -12,10 +12,23 @@ device and host pools and records every move in the copy lists the Plan carries:
   predicted to run soonest are uploaded (the copies overlap the step: JAX dispatch is
   asynchronous).
 
+Host copies kept: a swap-in leaves the job's full pages (every slot written: KV that never
+changes again) on the host as ``Job.host_copy``, so when the same job is evicted again only
+the pages after them are copied out (``swap_out_pages_saved`` counts the rest). A job
+preempted again and again under scarce KV (the long jobs of a short-first order) then costs
+about one copy in per round instead of one out and one in. Copies are freed when the job
+ends, is dropped for recompute, or slides pages out of a window, and are reclaimed (highest
+ranked job first: the least likely to be evicted again) when a swap-out needs the host room.
+Measured in the scheduler sweep (``scripts/sweep_scheduler.py``, H200 cost model, trace seeds 0 / 1 /
+2, pages summed over the 150 cells): the MLFQ's swap traffic fell 39 / 40 / 39%, the oracle's 42%,
+FCFS's 27 / 25 / 25% (it evicts a job again less often); average JCT about 1% lower; the MLFQ's cells
+within 1.5x FCFS's traffic 30 / 24 / 33 -> 39 / 39 / 43. In the byte model of
+``tests/scheduler/test_host_copies.py`` every step attends to the right KV.
+
 Copy ordering: the engine runs all swap-outs, then all swap-ins, then the work. So a
 device page freed by a swap-out may be reused by a swap-in or by work in the same
-plan, but a host page read by a swap-in is freed only in ``finish``: no swap-out of
-the same plan may overwrite it.
+plan, but a host page read by a swap-in is freed (or kept as a copy that this plan may
+not reclaim) only in ``finish``: no swap-out of the same plan may overwrite it.
 """
 from __future__ import annotations
 
@@ -24,8 +37,11 @@ from ferry.scheduler.request_state import Job, State
 
 
 class KVPlanner:
-    def __init__(self, device: PagePool, host: PagePool, counters: dict[str, int]) -> None:
-        self.device, self.host, self.counters = device, host, counters
+    def __init__(self, device: PagePool, host: PagePool, counters: dict[str, int], page_size: int,
+                 copies: list[Job] = ()) -> None:
+        """``copies``: the jobs holding a host copy, in the order to reclaim them (highest ranked first)."""
+        self.device, self.host, self.counters, self.page_size = device, host, counters, page_size
+        self._copies = list(copies)
         self.swap_out: list[tuple[int, int]] = []     # (device_page, host_page)
         self.swap_in: list[tuple[int, int]] = []      # (host_page, device_page)
         self.dropped: list[str] = []
@@ -34,14 +50,20 @@ class KVPlanner:
         self._host_to_free: list[int] = []
 
     def evict(self, job: Job, allow_drop: bool) -> bool:
-        """Take the job's KV off the device; False if it must stay (no host room, no drop)."""
-        n = len(job.pages)
-        if self.host.num_free >= n:
-            host = self.host.allocate(n)
-            self.swap_out.extend(zip(job.pages, host))
-            self.counters["swap_out_pages"] += n
-            job.host_pages, job.state = host, State.SWAPPED
+        """Take the job's KV off the device; False if it must stay (no host room, no drop). Pages the
+        host still holds (``job.host_copy``) are not copied again."""
+        n, kept = len(job.pages), len(job.host_copy)
+        if self.host.num_free < n - kept:
+            self._reclaim(n - kept, keep=job)
+        if self.host.num_free >= n - kept:
+            host = self.host.allocate(n - kept)
+            self.swap_out.extend(zip(job.pages[kept:], host))
+            self.counters["swap_out_pages"] += n - kept
+            self.counters["swap_out_pages_saved"] += kept
+            job.host_pages, job.host_copy, job.state = job.host_copy + host, [], State.SWAPPED
         elif allow_drop:
+            self.host.free(job.host_copy)
+            job.host_copy = []
             job.num_computed, job.state, job.released = 0, State.WAITING, 0
             self.dropped.append(job.rid)
             self.counters["recomputes"] += 1
@@ -54,12 +76,26 @@ class KVPlanner:
         return True
 
     def upload(self, job: Job) -> None:
-        """Swap a SWAPPED job's KV in; the caller checked there are enough free device pages."""
+        """Swap a SWAPPED job's KV in; the caller checked there are enough free device pages. Its full
+        pages stay on the host as ``job.host_copy`` (none once a window released pages: the copy is
+        kept aligned with the block table from position 0)."""
         dev = self.device.allocate(len(job.host_pages))
         self.swap_in.extend(zip(job.host_pages, dev))
         self.counters["swap_in_pages"] += len(dev)
-        self._host_to_free += job.host_pages
-        job.pages, job.host_pages, job.state = dev, [], State.PREEMPTED
+        full = 0 if job.released else min(len(dev), job.num_computed // self.page_size)
+        self._host_to_free += job.host_pages[full:]
+        job.pages, job.host_copy, job.host_pages, job.state = dev, job.host_pages[:full], [], State.PREEMPTED
+
+    def _reclaim(self, want: int, keep: Job) -> None:
+        """Free other jobs' host copies until ``want`` host pages are free (not those a swap-in of this
+        plan reads: uploaded jobs are not in ``copies``)."""
+        while self.host.num_free < want and self._copies:
+            other = self._copies.pop(0)
+            if other is keep or not other.host_copy:
+                continue
+            self.host.free(other.host_copy)
+            self.counters["host_copy_pages_reclaimed"] += len(other.host_copy)
+            other.host_copy = []
 
     def proactive(self, idle_lowest_first: list[Job], order: list[Job], chosen, margin: int) -> None:
         """Offload the latest-to-run idle jobs under the watermark; upload the soonest above it."""

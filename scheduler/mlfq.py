@@ -151,7 +151,7 @@ Changed for issue 15 (one default parameter set; cells named mix/memory/arrival/
    unchanged (30 / 32 / 27), swap 31 / 22 / 33 -> 30 / 24 / 33, p99 35 / 23 / 24 -> 36 / 18 / 17:
    a trade: the p99 cells lost are mostly chat_a2.0 ones that sat at 0.96-1.00x FCFS's and went to
    1.01-1.20x (the finer order spreads the long jobs of a light tail). Heavy-tail trace
-   (sim_heavy_tail_h200.json): average 1.31x -> 1.33x the oracle's, p99 1.60x -> 1.50x FCFS's.
+   (sim_heavy_tail_h200.json at 1a2a07c): average 1.31x -> 1.33x the oracle's, p99 1.60x -> 1.50x FCFS's.
    Variants measured at seeds 0 / 1 / 2 (average, p99): the index without a grid 108 / 104 / 111,
    30 / 13 / 17; a grid of 2**0.25 (seed 0) 107, 32; a grid of 2 105, 36; Q0 all at age 0 (FCFS
    in Q0) 107 / 108 / 111, 31 / 18 / 17; ages with fewer than 16
@@ -174,8 +174,8 @@ Changed for issue 15 (one default parameter set; cells named mix/memory/arrival/
    (``workload.add_length_hints``: the true length x exp(sigma N(0, 1)); at sigma 0.5 the hints' rank
    correlation with the lengths is 0.58 (chat_a2.0) to 0.84 (chat_a0.8), at sigma 1 0.35-0.66; the
    sweep's ``--hint-sigma``). Average within 15% of the oracle / p99 no worse than FCFS's / TTFT 5x /
-   swap within 1.5x, at trace seeds 0 / 1 / 2 (``benchmarks/results/sweep_scheduler_hints_s*.json``;
-   no hints: the committed sweeps; summary in ``sweep_scheduler_seeds.json``): no hints 108 / 108 /
+   swap within 1.5x, at trace seeds 0 / 1 / 2, before the planner kept host copies (1a2a07c; kept in
+   ``sweep_scheduler_seeds.json``, which also has the re-run with them): no hints 108 / 108 /
    111, 36 / 18 / 17, 30 / 32 / 27, 30 / 24 / 33; sigma 0.5 117 / 109 / 111, 24 / 16 / 14, 30 / 30 /
    27, 32 / 32 / 36; sigma 1 108 / 110 / 111, 26 / 13 / 19, 30 / 32 / 27, 32 / 32 / 39; exact hints
    (seed 0) 116, 24, 30, 29. Worst average over the oracle's: 1.41x / 1.54x / 1.47x without hints,
@@ -190,12 +190,13 @@ Changed for issue 15 (one default parameter set; cells named mix/memory/arrival/
    modes); one class per doubling (chat_a0.8/limited/cv4/0.9 at sigma 0.5 1.28x against 1.17x); eight
    (no better at sigma 0.5, worse in chat_a0.8 cells at sigma 1).
    The counts in changes 1-7 were measured with the earlier, assumed GPU cost model.
-Known limits (committed sweep, seed 0, 120 cells at load <= 0.9): average JCT within 15% of the
-oracle in 108 (worst 1.41x, chat_a0.8/limited/cv4/0.9); the 12 misses all have limited KV: 9 of
-chat_a0.8 (1.19-1.41x), one each of chat_a1.2, chat_a2.0 and bimodal at cv4/0.9. The Gittins
+Known limits (committed sweep, seed 0, 120 cells at load <= 0.9; since the planner keeps host copies,
+``kv_planner.py``): average JCT within 15% of the oracle in 108 (worst 1.36x,
+chat_a0.8/limited/cv4/0.9); the 12 misses all have limited KV: 9 of chat_a0.8 (1.17-1.36x), one each
+of chat_a1.2, chat_a2.0 and bimodal at cv4/0.9. The Gittins
 reference (``scheduler/gittins_ref.py``: the same index on the true length distribution at every
 age, no quanta, guard or gap) meets 110 and misses the nine chat_a0.8 cells and the chat_a1.2 one
-too (1.17-1.33x): there a Pareto tail of index 0.8 gives an order that does not know each job's
+too (1.17-1.31x): there a Pareto tail of index 0.8 gives an order that does not know each job's
 length too little to go on (even the true remaining output below Q0 left the change-9 MLFQ at 1.16x
 in chat_a0.8/limited/cv4/0.9); a length predictor is the way left (change 11: with hints of sigma
 0.5, 117 cells at seed 0, 109 at seed 1). Tried before change 10 for the
@@ -204,12 +205,16 @@ cells, p99 32 / 30), evicting any lower-ranked job, no tail guard, 16 ages per q
 Q0; partial eviction (only the pages a job lacks, from the end of a victim's KV) cut most limited-KV
 cells' swap traffic (FCFS's by 10-20%) but not the MLFQ's ratio to FCFS's (31 swap cells either
 way), took chat_a0.8/limited/poisson/0.7 1.20x -> 1.28x the oracle and met p99 in 32 cells instead
-of 35. p99 no worse than FCFS's in 36 (worst 2.02x, chat_a2.0/limited/cv4/0.9, where the oracle's
-is 2.17x; in 96 cells the oracle's own p99 is above FCFS's: short-first order makes long jobs wait);
+of 35. p99 no worse than FCFS's in 34 (worst 2.02x, chat_a2.0/limited/cv4/0.9, where the oracle's
+is 2.19x; in 96 cells the oracle's own p99 is above FCFS's: short-first order makes long jobs wait);
 TTFT 5x below FCFS's in 30 of 90 cells at load >= 0.7: 30 of the 34 where the prefill-first reference
 (``scheduler/ttft_ref.py``: prompts left first, fewest first) is 5x below (the no-queueing floor, the
 sweep's ``ttft_floor``, allowed 56; in the summarisation mix the reference reaches only 1.3-1.7x, the
-MLFQ 1.5-1.7x); swap traffic within 1.5x FCFS's in 30 of 46 cells.
+MLFQ 1.5-1.7x); swap traffic within 1.5x FCFS's in 39 of 46 cells (30 before host copies; the misses:
+four chat_a2.0 cells where FCFS moves 0-458 pages, and four bimodal cells at 1.54-1.66x).
+Also tried, not kept (seed 0, before host copies): ranking a prefilling job with only the prompt beyond its first chunk
+as known work (chat prompts then count as none): TTFT 30 -> 31 cells (chat_a1.2/limited/cv4/0.9
+3.7x -> 5.6x) but p99 36 -> 28 and swap 30 -> 26 (new jobs preempt chat_a2.0's decoding ones).
 
 Service is charged from the cost model, so decisions are deterministic (same inputs, same plans:
 needed by multi-host lockstep and the simulator).

@@ -37,6 +37,9 @@ class Job:
     num_computed: int = 0
     pages: list[int] = dataclasses.field(default_factory=list)        # device pages, in order
     host_pages: list[int] = dataclasses.field(default_factory=list)   # host pages while SWAPPED
+    host_copy: list[int] = dataclasses.field(default_factory=list)    # while on device after a swap-in:
+                                   # host pages still holding its first len(host_copy) (full, unchanged)
+                                   # device pages; a later swap-out copies only the pages after them
     released: int = 0              # leading pages freed: outside the sliding window of every layer
                                    # (their block-table entries are the null page 0)
     queue: int = 0                 # MLFQ level (0 = highest priority; -1: the tail class)

@@ -76,6 +76,7 @@ class Scheduler:
         self.jobs: dict[str, Job] = {}
         self._last_cost = 0.0
         self.counters = {"preemptions": 0, "swap_out_pages": 0, "swap_in_pages": 0, "recomputes": 0,
+                         "swap_out_pages_saved": 0, "host_copy_pages_reclaimed": 0,
                          "finished": 0, "aborted": 0, "window_pages_freed": 0}
 
     # ------------------------------------------------------------------ jobs in / out
@@ -116,8 +117,8 @@ class Scheduler:
         if state == State.FINISHED:
             self.policy.on_finish(job)
         self.device.free(job.pages)
-        self.host.free(job.host_pages)
-        job.pages, job.host_pages, job.state = [], [], state
+        self.host.free(job.host_pages + job.host_copy)
+        job.pages, job.host_pages, job.host_copy, job.state = [], [], [], state
         self.counters["finished" if state == State.FINISHED else "aborted"] += 1
 
     # ------------------------------------------------------------------ planning
@@ -129,7 +130,7 @@ class Scheduler:
         order = self.policy.order(live)
         rank = {j.rid: i for i, j in enumerate(order)}
         chosen: dict[str, WorkItem] = {}
-        kv = KVPlanner(self.device, self.host, self.counters)
+        kv = KVPlanner(self.device, self.host, self.counters, cfg.page_size, [j for j in order if j.host_copy])
         budget = cfg.max_tokens_per_step
         chunks = 0                                              # multi-token rows chosen
         resident = [v for v in reversed(order) if v.pages]      # KV on device, lowest rank first
@@ -252,6 +253,8 @@ class Scheduler:
             return
         dead = min(max(0, (job.num_computed - W + 1) // S), job.num_pages - 1) - job.released
         if dead > 0:
+            self.host.free(job.host_copy)           # the copy is aligned with block position 0
+            job.host_copy = []
             self.device.free(job.pages[:dead])
             job.pages = job.pages[dead:]
             job.released += dead
@@ -290,6 +293,9 @@ class Scheduler:
         check_ownership(self.jobs.values(), self.device, self.host)
         for j in self.jobs.values():
             assert not (j.pages and j.host_pages), f"{j.rid} has KV on device and host"
+            assert not j.host_copy or (j.state in (State.RUNNING, State.PREEMPTED) and not j.released
+                                       and len(j.host_copy) * self.cfg.page_size <= j.num_computed
+                                       and len(j.host_copy) <= len(j.pages)), f"{j.rid} has a stale host copy"
             assert j.state != State.SWAPPED or not j.pages, f"{j.rid} swapped but owns device pages"
 
     def stats(self) -> dict:

@@ -37,6 +37,8 @@ _SCALARS = (
     ("promotions", "promotions_total", "counter", "Starvation-guard promotions to the top queue."),
     ("swap_out_pages", "swap_out_pages_total", "counter", "KV pages copied device -> host."),
     ("swap_in_pages", "swap_in_pages_total", "counter", "KV pages copied host -> device."),
+    ("swap_out_pages_saved", "swap_out_pages_saved_total", "counter",
+     "KV pages a swap-out did not copy: the host still held them from the request's last swap-in."),
     ("recomputes", "recomputes_total", "counter", "Requests whose KV was dropped, to be recomputed."),
     ("prompt_tokens_total", "prompt_tokens_total", "counter", "Prompt tokens processed."),
     ("generation_tokens_total", "generation_tokens_total", "counter", "Tokens generated."),

@@ -100,6 +100,16 @@ def test_mlfq_preempted_swapped_recomputed_requests_match_uninterrupted(referenc
     got, s = _run("mlfq", 25, 10, jobs)
     assert s["preemptions"] > 0 and s["swap_out_pages"] > 0 and s["swap_in_pages"] > 0, s
     assert s["recomputes"] > 0 and s["demotions"] > 0, s
+    assert s["host_copy_pages_reclaimed"] > 0, s           # host copies freed for swap-outs (tiny host)
+    _check(jobs, ref, got, s)
+
+
+def test_kv_swapped_out_again_from_the_host_copy_matches_uninterrupted(reference):
+    """Room on the host for copies: a job evicted again copies out only the pages written since its
+    swap-in (``kv_planner.py``); the rest come back from the copy kept on the host."""
+    jobs, ref = reference
+    got, s = _run("mlfq", 25, 30, jobs)
+    assert s["swap_out_pages_saved"] > 0 and s["swap_in_pages"] > s["swap_out_pages"], s
     _check(jobs, ref, got, s)
 
 
