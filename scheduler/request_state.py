@@ -40,6 +40,8 @@ class Job:
     host_copy: list[int] = dataclasses.field(default_factory=list)    # while on device after a swap-in:
                                    # host pages still holding its first len(host_copy) (full, unchanged)
                                    # device pages; a later swap-out copies only the pages after them
+    parked: list[int] = dataclasses.field(default_factory=list)       # while SWAPPED: the device pages
+                                   # it left (free, parked); a swap-in takes back those still intact
     released: int = 0              # leading pages freed: outside the sliding window of every layer
                                    # (their block-table entries are the null page 0)
     queue: int = 0                 # MLFQ level (0 = highest priority; -1: the tail class)

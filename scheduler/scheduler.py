@@ -76,7 +76,7 @@ class Scheduler:
         self.jobs: dict[str, Job] = {}
         self._last_cost = 0.0
         self.counters = {"preemptions": 0, "swap_out_pages": 0, "swap_in_pages": 0, "recomputes": 0,
-                         "swap_out_pages_saved": 0, "host_copy_pages_reclaimed": 0,
+                         "swap_out_pages_saved": 0, "swap_in_pages_saved": 0, "host_copy_pages_reclaimed": 0,
                          "finished": 0, "aborted": 0, "window_pages_freed": 0}
 
     # ------------------------------------------------------------------ jobs in / out
@@ -117,8 +117,9 @@ class Scheduler:
         if state == State.FINISHED:
             self.policy.on_finish(job)
         self.device.free(job.pages)
+        self.device.forget(job.parked, job.rid)
         self.host.free(job.host_pages + job.host_copy)
-        job.pages, job.host_pages, job.host_copy, job.state = [], [], [], state
+        job.pages, job.host_pages, job.host_copy, job.parked, job.state = [], [], [], [], state
         self.counters["finished" if state == State.FINISHED else "aborted"] += 1
 
     # ------------------------------------------------------------------ planning
@@ -296,6 +297,7 @@ class Scheduler:
             assert not j.host_copy or (j.state in (State.RUNNING, State.PREEMPTED) and not j.released
                                        and len(j.host_copy) * self.cfg.page_size <= j.num_computed
                                        and len(j.host_copy) <= len(j.pages)), f"{j.rid} has a stale host copy"
+            assert not j.parked or j.state == State.SWAPPED, f"{j.rid} holds parked pages while not swapped"
             assert j.state != State.SWAPPED or not j.pages, f"{j.rid} swapped but owns device pages"
 
     def stats(self) -> dict:

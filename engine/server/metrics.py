@@ -39,6 +39,8 @@ _SCALARS = (
     ("swap_in_pages", "swap_in_pages_total", "counter", "KV pages copied host -> device."),
     ("swap_out_pages_saved", "swap_out_pages_saved_total", "counter",
      "KV pages a swap-out did not copy: the host still held them from the request's last swap-in."),
+    ("swap_in_pages_saved", "swap_in_pages_saved_total", "counter",
+     "KV pages a swap-in did not copy: still intact in the device pages the request left."),
     ("recomputes", "recomputes_total", "counter", "Requests whose KV was dropped, to be recomputed."),
     ("prompt_tokens_total", "prompt_tokens_total", "counter", "Prompt tokens processed."),
     ("generation_tokens_total", "generation_tokens_total", "counter", "Tokens generated."),

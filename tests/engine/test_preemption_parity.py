@@ -104,12 +104,13 @@ def test_mlfq_preempted_swapped_recomputed_requests_match_uninterrupted(referenc
     _check(jobs, ref, got, s)
 
 
-def test_kv_swapped_out_again_from_the_host_copy_matches_uninterrupted(reference):
+def test_kv_from_host_copies_and_parked_pages_matches_uninterrupted(reference):
     """Room on the host for copies: a job evicted again copies out only the pages written since its
-    swap-in (``kv_planner.py``); the rest come back from the copy kept on the host."""
+    swap-in, and a swap-in takes back the device pages it left that no one was given
+    (``kv_planner.py``); the tokens are still the uninterrupted run's."""
     jobs, ref = reference
     got, s = _run("mlfq", 25, 30, jobs)
-    assert s["swap_out_pages_saved"] > 0 and s["swap_in_pages"] > s["swap_out_pages"], s
+    assert s["swap_out_pages_saved"] > 0 and s["swap_in_pages_saved"] > 0 and s["swap_in_pages"] > 0, s
     _check(jobs, ref, got, s)
 
 

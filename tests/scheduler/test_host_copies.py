@@ -1,5 +1,6 @@
-"""Host copies kept after a swap-in (``kv_planner.py``): a re-evicted job copies out only the pages the
-host does not hold, and every step still attends to the right KV.
+"""Host copies kept after a swap-in and device pages parked after a swap-out (``kv_planner.py``): a
+re-evicted job copies out only the pages the host does not hold, a swapped-in job copies in only the
+pages someone else was given meanwhile, and every step still attends to the right KV.
 
 The driver runs the real Scheduler on a model of the bytes: each device and host page holds a label
 (request, block, positions written). Plans are applied as the engine applies them (all swap-outs,
@@ -10,7 +11,7 @@ written after the swap-in) or lost would show up as a wrong label.
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from ferry.scheduler import kv_planner
+from ferry.scheduler import block_manager, kv_planner
 from ferry.scheduler.cost_model import CostModel
 from ferry.scheduler.scheduler import Scheduler, SchedulerConfig
 
@@ -69,11 +70,24 @@ def _drive(trace, policy, dev_pages, host_pages, max_batch=3):
 BOUNCING = [(0, 4, 36)] + [(2 + 8 * k, 4, 4) for k in range(10)]
 
 
-def test_a_job_evicted_again_copies_out_only_new_pages():
+def test_a_job_evicted_again_copies_out_only_new_pages_and_takes_back_parked_ones():
     st_ = _drive(BOUNCING, "oracle", dev_pages=11, host_pages=64, max_batch=1)
-    assert st_["swap_in_pages"] > 0 and st_["swap_out_pages_saved"] > 0, st_
-    # each round trip now costs its new pages out and every page in
-    assert st_["swap_out_pages"] < st_["swap_in_pages"], st_
+    assert st_["swap_out_pages_saved"] > 0 and st_["swap_in_pages_saved"] > 0, st_
+    assert st_["swap_in_pages"] > 0, st_          # a parked page was handed out: copied in, not taken back
+
+
+def test_a_parked_page_given_to_another_job_is_not_taken_back(monkeypatch):
+    """Positive control for the parked pages: an unpark that ignores who holds the page now gives the
+    swapped-in job another job's KV."""
+    def unpark_any(self, page, rid, index):
+        self._parked.pop(page, None)
+        return True
+    monkeypatch.setattr(block_manager.PagePool, "unpark", unpark_any)
+    monkeypatch.setattr(Scheduler, "check_invariants", lambda self: None)    # (it would flag the page first)
+    with pytest.raises(WrongKV) as e:
+        _drive(BOUNCING, "oracle", dev_pages=11, host_pages=64, max_batch=1)
+    rid, block, found, wanted = e.value.args
+    assert found is None or found[0] != rid                                   # someone else's block
 
 
 def test_a_partial_page_kept_as_a_copy_is_caught(monkeypatch):

@@ -6,7 +6,8 @@ from ferry.engine.server.metrics import make_registry, render_prometheus
 
 STATS = {"running": 3, "swapped": 1, "preempted": 0, "in_flight": 5, "device_pages_used": 40,
          "device_pages_total": 64, "host_pages_used": 8, "host_pages_total": 64, "preemptions": 7,
-         "demotions": 4, "promotions": 1, "swap_out_pages": 12, "swap_in_pages": 4, "swap_out_pages_saved": 9, "recomputes": 0,
+         "demotions": 4, "promotions": 1, "swap_out_pages": 12, "swap_in_pages": 4, "swap_out_pages_saved": 9, "swap_in_pages_saved": 3,
+         "recomputes": 0,
          "prompt_tokens_total": 1000, "generation_tokens_total": 250, "rejected_total": 2, "step_errors_total": 0,
          "waiting_q0": 2, "waiting_q1": 0, "waiting_q2": 5, "waiting_q3": 1,
          "finished_by_reason": {"stop": 6, "length": 3}, "not_a_metric": "text", "flag": True}
@@ -36,6 +37,7 @@ def test_names_values_and_labels():
                       ("device_pages_used", "device_pages_used"), ("preemptions", "preemptions_total"),
                       ("swap_out_pages", "swap_out_pages_total"), ("rejected_total", "requests_rejected_total"),
                       ("swap_out_pages_saved", "swap_out_pages_saved_total"),
+                      ("swap_in_pages_saved", "swap_in_pages_saved_total"),
                       ("step_errors_total", "engine_step_errors_total"),
                       ("generation_tokens_total", "generation_tokens_total")):
         assert s[(f"ferry_{name}", m)] == STATS[key], name
