@@ -123,7 +123,7 @@ def summarize(results: list[JobResult], stats: dict | None = None) -> dict:
          "throughput_tok_s": float(sum(r.output_len for r in results) / max(span, 1e-9))}
     if stats:
         for k in ("preemptions", "demotions", "promotions", "swap_out_pages", "swap_in_pages", "recomputes",
-                  "iterations"):
+                  "swap_out_pages_saved", "swap_in_pages_saved", "iterations"):
             if k in stats:
                 s[k] = stats[k]
     return s
