@@ -92,9 +92,38 @@ def check_plan(plan) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
+class AddCommand:
+    """A request the leader accepted: its token ids, and params with the seed resolved."""
+    request_id: str
+    prompt_ids: tuple[int, ...]
+    params: object           # SamplingParams
+    priority: int
+    now: float               # the leader's clock when it was added (its arrival time everywhere)
+    length_hint: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class AbortCommand:
+    request_id: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ReleaseCommand:
+    """End the followers' ``follow(until_release=True)`` (the end of a generate call)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StopCommand:
+    """End the followers' ``follow()``."""
+
+
+Command = AddCommand | AbortCommand | ReleaseCommand | StopCommand
+
+
+@dataclasses.dataclass(frozen=True)
 class _Sync:
-    commands: tuple        # ("add", rid, ids, params, priority, now, length_hint) | ("abort", rid) | ("stop",)
-    now: float
+    commands: tuple[Command, ...]     # in the order the leader took them
+    now: float                        # the leader's clock: every process plans with it
 
 
 class MultiHostEngine:
@@ -112,7 +141,7 @@ class MultiHostEngine:
         self.engine = LLMEngine(config)
         self.engine._fixed_clock = True
         self.is_leader = jax.process_index() == 0
-        self._commands: list[tuple] = []
+        self._commands: list[Command] = []
         self._seed_rng = np.random.default_rng(config.seed)
         self.stopped = False
         self.released = False
@@ -138,23 +167,23 @@ class MultiHostEngine:
             prompt = self.engine.tokenizer.encode(prompt)
         now = time.monotonic() if now is None else now
         self.engine.add_request(request_id, prompt, params, priority=priority, now=now, length_hint=length_hint)
-        self._commands.append(("add", request_id, list(prompt), params, priority, now, length_hint))
+        self._commands.append(AddCommand(request_id, tuple(prompt), params, priority, now, length_hint))
 
     def abort_request(self, request_id: str) -> None:
         if self.is_leader:
             self.engine.abort_request(request_id)
-            self._commands.append(("abort", request_id))
+            self._commands.append(AbortCommand(request_id))
 
     def release(self) -> None:
         """Leader: end the followers' current ``follow(until_release=True)`` (end of a generate call)."""
         if self.is_leader:
-            self._commands.append(("release",))
+            self._commands.append(ReleaseCommand())
             self._sync()
 
     def stop(self) -> None:
         """Leader: release the followers (their ``follow()`` returns)."""
         if self.is_leader and not self.stopped:
-            self._commands.append(("stop",))
+            self._commands.append(StopCommand())
             self._sync()
             self.stopped = True
 
@@ -170,14 +199,14 @@ class MultiHostEngine:
             sync: _Sync = pickle.loads(broadcast_bytes(payload))
         if not self.is_leader:
             for cmd in sync.commands:
-                if cmd[0] == "add":
-                    _, rid, ids, params, priority, now, length_hint = cmd
-                    self.engine.add_request(rid, ids, params, priority=priority, now=now, length_hint=length_hint)
-                elif cmd[0] == "abort":
-                    self.engine.abort_request(cmd[1])
-                elif cmd[0] == "stop":
+                if isinstance(cmd, AddCommand):
+                    self.engine.add_request(cmd.request_id, list(cmd.prompt_ids), cmd.params, priority=cmd.priority,
+                                            now=cmd.now, length_hint=cmd.length_hint)
+                elif isinstance(cmd, AbortCommand):
+                    self.engine.abort_request(cmd.request_id)
+                elif isinstance(cmd, StopCommand):
                     self.stopped = True
-                elif cmd[0] == "release":
+                elif isinstance(cmd, ReleaseCommand):
                     self.released = True
         return sync
 
