@@ -91,6 +91,8 @@ class Scheduler:
             raise ValueError(f"duplicate request id {rid!r}")
         if prompt_len < 1 or max_tokens < 1:
             raise ValueError("prompt_len and max_tokens must be >= 1")
+        if isinstance(priority, bool) or not isinstance(priority, numbers.Integral):
+            raise ValueError(f"priority must be an int (higher runs first), got {priority!r}")
         if length_hint is not None and (isinstance(length_hint, bool) or not isinstance(length_hint, numbers.Integral)
                                         or length_hint < 1):
             raise ValueError(f"length_hint must be a positive int of output tokens, got {length_hint!r}")

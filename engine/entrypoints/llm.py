@@ -63,11 +63,15 @@ class LLM:
         return f"llm-{next(self._ids)}"
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
-                 params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
+                 params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+                 priority: Sequence[int] | None = None,
+                 length_hints: Sequence[int | None] | None = None) -> list[RequestOutput]:
         """Generate for one prompt or many (strings or token-id lists); returns outputs in order.
 
-        ``params`` is one SamplingParams for all prompts or one per prompt. All
-        prompts are validated before any runs (a bad one raises ValueError).
+        ``params`` is one SamplingParams for all prompts or one per prompt. ``priority`` (higher runs
+        first) and ``length_hints`` (predicted output tokens, None for none) are one per prompt:
+        ``LLMEngine.add_request``'s. All prompts are validated before any runs (a bad one raises
+        ValueError and nothing runs).
         """
         if self.multihost and not self.engine.is_leader:
             return self._run([])
@@ -75,13 +79,16 @@ class LLM:
             prompts = [prompts]
         prompts = list(prompts)
         plist = list(params) if isinstance(params, (list, tuple)) else [params or SamplingParams()] * len(prompts)
-        if len(plist) != len(prompts):
-            raise ValueError(f"got {len(plist)} SamplingParams for {len(prompts)} prompts")
+        prios = [0] * len(prompts) if priority is None else list(priority)
+        hints = [None] * len(prompts) if length_hints is None else list(length_hints)
+        for name, given in (("SamplingParams", plist), ("priorities", prios), ("length hints", hints)):
+            if len(given) != len(prompts):
+                raise ValueError(f"got {len(given)} {name} for {len(prompts)} prompts")
         ids = [self._next_id() for _ in prompts]
         added = []
         try:
-            for rid, p, sp in zip(ids, prompts, plist):
-                self.engine.add_request(rid, p, sp)
+            for rid, p, sp, prio, hint in zip(ids, prompts, plist, prios, hints):
+                self.engine.add_request(rid, p, sp, priority=prio, length_hint=hint)
                 added.append(rid)
         except Exception:
             for rid in added:

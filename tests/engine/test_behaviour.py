@@ -97,6 +97,35 @@ def test_bad_requests_raise_and_engine_keeps_serving(llm):
     assert _pages_free(eng)
 
 
+def test_generate_takes_priorities_and_length_hints(llm, monkeypatch):
+    """``LLM.generate(priority=, length_hints=)``: one per prompt, passed to each request; a bad one
+    raises before anything runs and the engine keeps serving."""
+    eng = llm.engine
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    plain = [o.token_ids for o in llm.generate(PROMPTS[:3], greedy)]
+    with pytest.raises(ValueError, match="2 length hints for 3 prompts"):
+        llm.generate(PROMPTS[:3], greedy, length_hints=[4, 5])
+    with pytest.raises(ValueError, match="1 priorities for 3 prompts"):
+        llm.generate(PROMPTS[:3], greedy, priority=[1])
+    with pytest.raises(ValueError, match="length_hint"):
+        llm.generate(PROMPTS[:3], greedy, length_hints=[4, 0, 5])
+    with pytest.raises(ValueError, match="priority must be an int"):
+        llm.generate(PROMPTS[:3], greedy, priority=[0, "high", 1])
+    assert not eng.has_unfinished_requests() and _pages_free(eng)
+    seen = {}
+    add = eng.add_request
+
+    def spy(rid, prompt, params=None, priority=0, now=None, length_hint=None):
+        seen[rid] = (priority, length_hint)
+        return add(rid, prompt, params, priority=priority, now=now, length_hint=length_hint)
+
+    monkeypatch.setattr(eng, "add_request", spy)
+    outs = llm.generate(PROMPTS[:3], greedy, priority=[0, 2, 1], length_hints=[6, None, 3])
+    assert [seen[o.request_id] for o in outs] == [(0, 6), (2, None), (1, 3)]
+    assert [o.token_ids for o in outs] == plain          # order of work changes, tokens do not
+    assert _pages_free(eng)
+
+
 def test_finish_reasons_stop_strings_and_lengths(llm):
     out = llm.generate("Count: 1, 2, 3,", SamplingParams(temperature=0, max_tokens=7, ignore_eos=True))[0]
     assert out.finish_reason == "length" and len(out.token_ids) == 7
