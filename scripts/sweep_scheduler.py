@@ -11,7 +11,8 @@ floor below), the Gittins reference over the oracle (``scheduler/gittins_ref.py`
 knowing the length distribution but not each job's length; ``targets`` counts the cells where it
 meets the average target, so a miss it shares is one no non-clairvoyant order fixes), and the TTFT floor (every prefill alone: where FCFS is within 5x of it, no policy can
 be 5x faster; ``targets`` counts those cells apart, and the cells where the oracle's p99 meets
-FCFS's). Writes the JSON (with the command line and the machine), a Markdown table next to it
+FCFS's), and per policy the cells where it meets the three targets at once (``all_three_in_one_cell``;
+``any_policy``: cells some policy meets). Writes the JSON (with the command line and the machine), a Markdown table next to it
 (``.md``) and one heat-map PNG per metric (``<plots>_<metric>.png``: MLFQ/FCFS and MLFQ/oracle).
 ``--smoke`` runs 4 tiny cells (seconds; CI runs it in tests/scheduler/test_sweep.py).
 ``--base-quantum/--starve-limit/--tail-slack`` override the MLFQ defaults (for a baseline run only).
@@ -166,7 +167,18 @@ def targets(rows: list[dict]) -> dict:
                                              r["fcfs"]["avg_ttft"] >= 5 * r["mlfq"]["avg_ttft"] for r in reach_ref)},
         "swap_within_1.5x_fcfs": {"cells": len(swap), "met": sum(x <= 1.5 for x in swap),
                                   "worst_mlfq_over_fcfs": max(swap) if swap else None},
+        "all_three_in_one_cell": {pol: sum(meets_all(r, pol) for r in sel) for pol in POLICIES} | {
+            "any_policy": sum(any(meets_all(r, pol) for pol in POLICIES) for r in sel)},
     }
+
+
+def meets_all(row: dict, policy: str) -> bool:
+    """Does ``policy`` meet the issue's three targets at once in this cell: average JCT within 15% of the
+    oracle's, p99 no worse than FCFS's and (at load >= 0.7) TTFT 5x below FCFS's? A cell no policy
+    meets is evidence (not proof) that the targets conflict there."""
+    mine, fcfs = row[policy], row["fcfs"]
+    return (mine["avg_jct"] <= 1.15 * row["oracle"]["avg_jct"] and mine["p99_jct"] <= fcfs["p99_jct"]
+            and (row["cell"]["load"] < 0.7 or fcfs["avg_ttft"] >= 5 * mine["avg_ttft"]))
 
 
 def table(rows: list[dict]) -> str:

@@ -36,6 +36,36 @@ def test_sweep_smoke_writes_json_table_and_heatmaps(tmp_path):
         assert (tmp_path / f"sweep_{metric}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_all_three_targets_in_one_cell_each_condition_counts():
+    """``meets_all``: average within 15% of the oracle, p99 <= FCFS's and, at load >= 0.7 only, TTFT 5x
+    below FCFS's; each condition alone can fail a policy (controls), and ``targets`` counts per policy."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import sweep_scheduler as S
+
+    def row(load, **mlfq):
+        stats = lambda avg, p99, ttft: {"avg_jct": avg, "p99_jct": p99, "avg_ttft": ttft}   # noqa: E731
+        r = {"cell": {"load": load}, "fcfs": stats(2.0, 10.0, 1.0), "oracle": stats(1.0, 12.0, 0.1),
+             "gittins": stats(1.1, 11.0, 0.1), "ttft": stats(3.0, 20.0, 0.05)}
+        r["mlfq"] = stats(**{"avg": 1.15, "p99": 10.0, "ttft": 0.2, **mlfq})
+        return r
+
+    good = row(0.8)
+    assert S.meets_all(good, "mlfq") and not S.meets_all(good, "fcfs")        # FCFS: 2x the oracle
+    assert not S.meets_all(good, "oracle") and not S.meets_all(good, "ttft")  # their p99 > FCFS's
+    assert not S.meets_all(row(0.8, avg=1.16), "mlfq")
+    assert not S.meets_all(row(0.8, p99=10.01), "mlfq")
+    assert not S.meets_all(row(0.8, ttft=0.21), "mlfq")
+    assert S.meets_all(row(0.5, ttft=0.9), "mlfq")                            # no TTFT target below 0.7
+    rows = [good, row(0.8, avg=1.16), row(0.5, ttft=0.9), row(0.95)]           # 0.95: outside the targets
+    for r in rows:
+        r.update(mlfq_over_oracle={"avg_jct": r["mlfq"]["avg_jct"]}, mlfq_over_fcfs={
+            "p99_jct": r["mlfq"]["p99_jct"] / 10.0, "avg_ttft": r["mlfq"]["avg_ttft"]},
+            gittins_over_oracle={"avg_jct": 1.1}, ttft_floor=0.01, swap_mlfq_over_fcfs=0.0)
+        r["fcfs"]["swap_pages"] = 0
+    t = S.targets(rows)["all_three_in_one_cell"]
+    assert t == {"fcfs": 0, "mlfq": 2, "oracle": 0, "gittins": 0, "ttft": 0, "any_policy": 2}
+
+
 def test_ttft_floor_is_a_job_alone_and_bounds_every_policy():
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
     import sweep_scheduler as S
