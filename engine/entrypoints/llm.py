@@ -97,13 +97,15 @@ class LLM:
             raise
         return self._run(ids)
 
-    def chat(self, messages: Messages | Sequence[Messages], params: SamplingParams | None = None
+    def chat(self, messages: Messages | Sequence[Messages], params: SamplingParams | None = None, *,
+             priority: Sequence[int] | None = None, length_hints: Sequence[int | None] | None = None
              ) -> list[RequestOutput]:
-        """Apply the model's chat template to one conversation (or many) and generate."""
+        """Apply the model's chat template to one conversation (or many) and generate (``priority`` and
+        ``length_hints``: ``generate``'s, one per conversation)."""
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         # ids as transformers' apply_chat_template(tokenize=True): BOS only where the template renders it
         prompts = [self.tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=True) for m in convs]
-        return self.generate(prompts, params)
+        return self.generate(prompts, params, priority=priority, length_hints=length_hints)
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
         """Yield incremental text for one prompt as it is generated."""

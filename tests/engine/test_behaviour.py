@@ -123,6 +123,8 @@ def test_generate_takes_priorities_and_length_hints(llm, monkeypatch):
     outs = llm.generate(PROMPTS[:3], greedy, priority=[0, 2, 1], length_hints=[6, None, 3])
     assert [seen[o.request_id] for o in outs] == [(0, 6), (2, None), (1, 3)]
     assert [o.token_ids for o in outs] == plain          # order of work changes, tokens do not
+    chat = llm.chat([{"role": "user", "content": "Say hi."}], greedy, priority=[3], length_hints=[2])[0]
+    assert seen[chat.request_id] == (3, 2)
     assert _pages_free(eng)
 
 
