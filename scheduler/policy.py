@@ -20,8 +20,9 @@ class Policy:
         job.enqueued = now
         job.last_run = now
 
-    def refresh(self, jobs: list[Job], now: float) -> None:
-        """Called at the start of every ``schedule``."""
+    def refresh(self, jobs: list[Job], now: float, free_page_share: float = 0.0) -> None:
+        """Called at the start of every ``schedule``; ``free_page_share``: the fraction of device KV pages
+        free (the Scheduler's pool; 0 when not given)."""
 
     def order(self, jobs: list[Job]) -> list[Job]:
         """Jobs from highest to lowest priority."""

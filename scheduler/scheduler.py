@@ -129,7 +129,7 @@ class Scheduler:
         cfg = self.cfg
         live = list(self.jobs.values())
         was_running = [j for j in live if j.state == State.RUNNING]
-        self.policy.refresh(live, now)
+        self.policy.refresh(live, now, self.device.num_free / self.device.total)
         order = self.policy.order(live)
         rank = {j.rid: i for i, j in enumerate(order)}
         chosen: dict[str, WorkItem] = {}
