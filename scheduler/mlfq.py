@@ -250,6 +250,28 @@ what costs their p99 (1.06x FCFS's with it, 1.04x without); of the nine p99 cell
 seven sat within 0.02x of 1.00 (a p99 of 800 jobs is the 8th slowest job), and it lost three from 0.83-0.95x.
 Sparing new jobs (they and running jobs both counted 2x) gave TTFT back (30) and lost p99 (32).
 (Both measured before change 12.)
+Tried after change 12, none kept (scratch runs at trace seed 0; average / p99 / TTFT cells and all three in
+one cell, against the committed 109 / 39 / 30 / 18): ``tail_slack`` 1 / 1.5 / 3: 107 / 42 / 30 / 18, 108 / 41 /
+30 / 18, 110 / 37 / 30 / 18. Calm (change 12) also while the waiting jobs are no more than the running jobs
+expected (Kaplan-Meier) to end within the next 8 / 16 / 32 output tokens: 108 / 44 / 30 / 18, 108 / 45 / 29 /
+19, 107 / 44 / 29 / 20 (at 8 tokens, seeds 1 / 2: p99 21 -> 21 and 20 -> 24 cells), but the heavy-tail
+trace's p99 went 1.44x -> 1.64x / 1.60x / 1.57x FCFS's. Every tail-class job a head while a quarter of the
+pages is free: the summarisation mix's p99 1.23x -> 1.15x FCFS's (geometric mean) for average 109 -> 103
+cells. An age guard (a waiting job older than the 98th percentile of finished jobs' JCT joins the tail
+class): 103 / 41 / 29 / 17; with every tail-class job a head, 96 / 39 / 28 / 15 (99th percentile: 98 / 43 /
+28 / 17). After gamma-Boost (Yu et al., "Strongly Tail-Optimal Scheduling in the Light-Tailed M/G/1", arXiv
+2404.08826: FCFS on an arrival time moved earlier for small jobs): the arrival time minus
+ln(1 / (1 - exp(-g s))) / g, with s = ``token_cost`` / the job's index (change 10) and
+g = 1 / the mean excess of finished jobs' JCT over their 90th percentile: p99 39 -> 65 cells but average
+78, TTFT 19, all three 7 (g halved: 84 / 61 / 22 / 12); the heavy-tailed limited-KV cells lose the most
+(chat_a0.8/limited 1.22x -> 1.80x the oracle, geometric mean), and on the heavy-tail trace the p99 is still
+1.17x FCFS's at 4.2x the oracle's average. Applied to chat_a2.0 only (a perfect light/heavy-tail detector),
+all three in one cell 18 -> 19. g from the GI/G/1 Cramer-Lundberg equation on the observed interarrival
+times and work was more FCFS-like and worse (bimodal/limited/gamma2/0.8 5.97 s against 2.38 s). This is the
+trade-off Wierman and Zwart prove ("Is tail-optimal scheduling possible?", Operations Research 2012): no
+work-conserving, non-anticipating policy that does not learn the size distribution optimises the response-time tail for
+both light-tailed sizes (FCFS is optimal) and heavy-tailed ones (PS, SRPT); the sweep has both, and the p99
+target is FCFS's.
 
 Service is charged from the cost model, so decisions are deterministic (same inputs, same plans:
 needed by multi-host lockstep and the simulator).

@@ -94,3 +94,34 @@ def test_hint_sigma_gives_hints_only_the_mlfq_reads():
     for pol in ("fcfs", "oracle"):
         assert exact[pol] == plain[pol] == noisy[pol]
     assert exact["mlfq"] != plain["mlfq"]
+
+
+def test_seeds_pool_every_trace_jobs_into_one_cell():
+    """``--seeds``: a cell's numbers are over the jobs of every seed's trace (percentiles of the pooled
+    JCTs, counters summed), so they differ from any one seed's; one seed alone is the plain cell."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import numpy as np
+
+    import sweep_scheduler as S
+    from ferry.scheduler.simulator import simulate
+    from ferry.scheduler.workload import generate
+    cell = S.Cell("bimodal", "gamma", 2.0, 0.8, "limited")           # the MLFQ preempts on both traces
+    one, pooled = S.run_cell(cell, 60, 1), S.run_cell(cell, 60, (1, 2))
+    assert S.run_cell(cell, 60, (1,)) == one                   # one seed in a tuple: the plain cell
+    mix = next(m for m in S.MIXES if m.name == cell.mix)
+    parts = {pol: [] for pol in ("fcfs", "mlfq")}
+    for seed in (1, 2):
+        trace = generate(60, load=cell.load, arrival=cell.arrival, cv=cell.cv, max_batch=S.MAX_BATCH, cost=S.GPU,
+                         seed=seed, chunk=S.CHUNK, **mix.gen)
+        for pol in parts:
+            parts[pol].append(simulate(trace, S.config(pol, S.pages_for(trace, cell.memory))))
+    jct = [r.jct for res, _ in parts["fcfs"] for r in res]
+    f = pooled["fcfs"]
+    assert f["jobs"] == 120 and f["p99_jct"] == float(np.percentile(jct, 99)) and f["avg_jct"] == float(np.mean(jct))
+    assert f["iterations"] == sum(st["iterations"] for _, st in parts["fcfs"])
+    assert all(st["preemptions"] > 0 for _, st in parts["mlfq"])
+    assert pooled["mlfq"]["preemptions"] == sum(st["preemptions"] for _, st in parts["mlfq"])
+    assert pooled["device_pages"] == [S.pages_for(generate(60, load=cell.load, arrival=cell.arrival, cv=cell.cv,
+                                                           max_batch=S.MAX_BATCH, cost=S.GPU, seed=s, chunk=S.CHUNK,
+                                                           **mix.gen), cell.memory) for s in (1, 2)]
+    assert pooled["fcfs"]["p99_jct"] != one["fcfs"]["p99_jct"]
