@@ -109,19 +109,18 @@ def test_seeds_pool_every_trace_jobs_into_one_cell():
     one, pooled = S.run_cell(cell, 60, 1), S.run_cell(cell, 60, (1, 2))
     assert S.run_cell(cell, 60, (1,)) == one                   # one seed in a tuple: the plain cell
     mix = next(m for m in S.MIXES if m.name == cell.mix)
-    parts = {pol: [] for pol in ("fcfs", "mlfq")}
+    parts, pages = {pol: [] for pol in ("fcfs", "mlfq")}, []
     for seed in (1, 2):
         trace = generate(60, load=cell.load, arrival=cell.arrival, cv=cell.cv, max_batch=S.MAX_BATCH, cost=S.GPU,
                          seed=seed, chunk=S.CHUNK, **mix.gen)
+        pages.append(S.pages_for(trace, cell.memory))
         for pol in parts:
-            parts[pol].append(simulate(trace, S.config(pol, S.pages_for(trace, cell.memory))))
+            parts[pol].append(simulate(trace, S.config(pol, pages[-1])))
     jct = [r.jct for res, _ in parts["fcfs"] for r in res]
     f = pooled["fcfs"]
     assert f["jobs"] == 120 and f["p99_jct"] == float(np.percentile(jct, 99)) and f["avg_jct"] == float(np.mean(jct))
     assert f["iterations"] == sum(st["iterations"] for _, st in parts["fcfs"])
     assert all(st["preemptions"] > 0 for _, st in parts["mlfq"])
     assert pooled["mlfq"]["preemptions"] == sum(st["preemptions"] for _, st in parts["mlfq"])
-    assert pooled["device_pages"] == [S.pages_for(generate(60, load=cell.load, arrival=cell.arrival, cv=cell.cv,
-                                                           max_batch=S.MAX_BATCH, cost=S.GPU, seed=s, chunk=S.CHUNK,
-                                                           **mix.gen), cell.memory) for s in (1, 2)]
+    assert pooled["device_pages"] == pages
     assert pooled["fcfs"]["p99_jct"] != one["fcfs"]["p99_jct"]
