@@ -43,8 +43,9 @@ class SchedulerConfig:
     page_size: int
     num_device_pages: int              # including the null page 0
     num_host_pages: int
-    policy: str = "mlfq"               # "mlfq" | "fcfs" | "oracle" | "gittins" | "ttft" (the last three:
-                                       # simulator references, scheduler/oracle.py, gittins_ref.py, ttft_ref.py)
+    policy: str = "mlfq"               # "mlfq" | "fcfs" | "oracle" | "gittins" | "ttft" | "boost" (the last
+                                       # four: simulator references, scheduler/oracle.py, gittins_ref.py,
+                                       # ttft_ref.py, boost_ref.py)
     num_queues: int = 6
     base_quantum: float | None = None  # seconds of iteration time in Q0; None: derived (scheduler/mlfq.py)
     quantum_ratio: float = 2.0
@@ -56,12 +57,15 @@ class SchedulerConfig:
     max_prefill_rows: int | None = None  # multi-token (prefill chunk) rows per plan (the engine's step size)
     window: int | None = None          # sliding window (tokens) of EVERY layer: pages wholly before the
                                        # next query's window are freed (None: keep every page)
+    boost_scale: float = 1.0           # boost reference: g = boost_scale / mean job size (boost_ref.py)
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
         if min(self.max_batch, self.max_tokens_per_step, self.max_prefill_chunk, self.page_size) < 1:
             raise ValueError("max_batch, max_tokens_per_step, max_prefill_chunk and page_size must be >= 1")
+        if not self.boost_scale > 0:
+            raise ValueError(f"boost_scale must be > 0, got {self.boost_scale}")
         if self.num_device_pages < 2:
             raise ValueError("need at least 2 device pages (page 0 is the null page)")
 

@@ -19,6 +19,11 @@ jobs instead of 800). ``--smoke`` runs 4 tiny cells (seconds; CI runs it in test
 ``--base-quantum/--starve-limit/--tail-slack`` override the MLFQ defaults (for a baseline run only).
 ``--hint-sigma S`` gives every job a length hint (``workload.add_length_hints``: its length x exp(S N(0, 1)),
 the same traces otherwise); only the MLFQ reads hints (change 11), each cell records ``hint_spearman``.
+``--boost-scales 0.01 0.1 1 10`` also runs the Boost reference (``scheduler/boost_ref.py``: FCFS on arrival
+times moved earlier for small jobs, knowing every size; small scales near SRPT, large near FCFS) at each
+scale; the table gets the least average over the oracle's among those scales and FCFS (their limit) with
+p99 no worse than FCFS's, and ``targets.boost_frontier`` counts the cells where one of them meets the
+average and p99 targets together.
 """
 import argparse
 import dataclasses
@@ -85,16 +90,17 @@ def pages_for(trace, memory: str) -> int:
     return max(max(per) + 1, round(0.8 * MAX_BATCH * sum(per) / len(per)) + 1)
 
 
-def config(policy: str, pages: int, mlfq: dict | None = None) -> SchedulerConfig:
+def config(policy: str, pages: int, overrides: dict | None = None) -> SchedulerConfig:
     return SchedulerConfig(max_batch=MAX_BATCH, max_tokens_per_step=MAX_BATCH + CHUNK, max_prefill_chunk=CHUNK,
                            page_size=PAGE, num_device_pages=pages, num_host_pages=HOST_PAGES, policy=policy,
-                           cost_model=GPU, **(mlfq or {}))
+                           cost_model=GPU, **(overrides or {}))
 
 
 def run_cell(cell: Cell, jobs: int, seed: int | tuple[int, ...], mlfq: dict | None = None,
-             hint_sigma: float | None = None) -> dict:
+             hint_sigma: float | None = None, boost_scales: tuple[float, ...] = ()) -> dict:
     """One cell: every policy on the trace of ``seed``, or, given a tuple of seeds, on each of their traces
-    with the jobs pooled (``pooled_summary``); ``device_pages`` then lists each trace's."""
+    with the jobs pooled (``pooled_summary``); ``device_pages`` then lists each trace's. With
+    ``boost_scales``, ``boost`` lists the Boost reference's summary at each scale (``boost_ref.py``)."""
     seeds = seed if isinstance(seed, tuple) else (seed,)
     mix = next(m for m in MIXES if m.name == cell.mix)
     traces = [generate(jobs, load=cell.load, arrival=cell.arrival, cv=cell.cv, max_batch=MAX_BATCH, cost=GPU,
@@ -106,11 +112,16 @@ def run_cell(cell: Cell, jobs: int, seed: int | tuple[int, ...], mlfq: dict | No
         traces = [add_length_hints(t, hint_sigma, s) for t, s in zip(traces, seeds)]
         out["hint_spearman"] = sum(spearman([j["length_hint"] for j in t], [j["output_len"] for j in t])
                                    for t in traces) / len(traces)
-    for pol in POLICIES:
-        parts = [simulate(t, config(pol, n, mlfq if pol == "mlfq" else None)) for t, n in zip(traces, pages)]
+    def run(pol: str, overrides: dict | None) -> dict:
+        parts = [simulate(t, config(pol, n, overrides)) for t, n in zip(traces, pages)]
         s = summarize(*parts[0]) if len(parts) == 1 else pooled_summary(parts)
         s["swap_pages"] = s.get("swap_out_pages", 0) + s.get("swap_in_pages", 0)
-        out[pol] = s
+        return s
+
+    for pol in POLICIES:
+        out[pol] = run(pol, mlfq if pol == "mlfq" else None)
+    if boost_scales:
+        out["boost"] = [{"scale": c} | run("boost", {"boost_scale": c}) for c in boost_scales]
     m, f, o = out["mlfq"], out["fcfs"], out["oracle"]
     out["mlfq_over_fcfs"] = {k: m[k] / f[k] for k in ("avg_jct", "p50_jct", "p95_jct", "p99_jct", "avg_ttft")}
     out["mlfq_over_oracle"] = {k: m[k] / o[k] for k in ("avg_jct", "p50_jct", "p95_jct", "p99_jct", "avg_ttft")}
@@ -188,23 +199,56 @@ def targets(rows: list[dict]) -> dict:
                                   "worst_mlfq_over_fcfs": max(swap) if swap else None},
         "all_three_in_one_cell": {pol: sum(row[pol] for row in met) for pol in POLICIES} | {
             "any_policy": sum(any(row.values()) for row in met)},
-    }
+    } | ({"boost_frontier": boost_frontier(sel)} if sel and "boost" in sel[0] else {})
+
+
+def best_boost_avg(row: dict) -> float:
+    """The lowest average JCT over the oracle's among the cell's Boost scales whose p99 is no worse than
+    FCFS's, FCFS itself (the family's limit as the scale grows) included: the least average the p99 target
+    costs an order between FCFS and shortest-size-first that knows every size."""
+    ok = [b["avg_jct"] for b in row["boost"] if b["p99_jct"] <= row["fcfs"]["p99_jct"]]
+    return min(ok + [row["fcfs"]["avg_jct"]]) / row["oracle"]["avg_jct"]
+
+
+def boost_frontier(sel: list[dict]) -> dict:
+    """Over cells at load <= 0.9 run with ``--boost-scales``: where some Boost scale or FCFS meets the average
+    and p99 targets together (and all three), against the MLFQ, overall and per length mix."""
+    both = [best_boost_avg(r) <= 1.15 for r in sel]
+    mlfq = [r["mlfq_over_oracle"]["avg_jct"] <= 1.15 and r["mlfq_over_fcfs"]["p99_jct"] <= 1.0 for r in sel]
+    by_mix: dict[str, dict] = {}
+    for r, b, m in zip(sel, both, mlfq):
+        d = by_mix.setdefault(r["cell"]["mix"], {"cells": 0, "boost_avg_and_p99": 0, "mlfq_avg_and_p99": 0})
+        d["cells"] += 1
+        d["boost_avg_and_p99"] += b
+        d["mlfq_avg_and_p99"] += m
+    return {"scales": [b["scale"] for b in sel[0]["boost"]],
+            "avg_and_p99_met_by_some_scale": sum(both),
+            "all_three_met_by_some_scale": sum(any(meets(r, b) for b in r["boost"] + [r["fcfs"]]) for r in sel),
+            "mlfq_avg_and_p99_met": sum(mlfq),
+            "mlfq_avg_and_p99_met_where_no_scale_did": sum(m and not b for b, m in zip(both, mlfq)),
+            "by_mix": by_mix}
 
 
 def meets_all(row: dict, policy: str) -> bool:
     """Does ``policy`` meet the issue's three targets at once in this cell: average JCT within 15% of the
     oracle's, p99 no worse than FCFS's and (at load >= 0.7) TTFT 5x below FCFS's? A cell no policy
     meets is evidence (not proof) that the targets conflict there."""
-    mine, fcfs = row[policy], row["fcfs"]
+    return meets(row, row[policy])
+
+
+def meets(row: dict, mine: dict) -> bool:
+    """``meets_all`` for a policy's summary ``mine`` in this cell."""
+    fcfs = row["fcfs"]
     return (mine["avg_jct"] <= 1.15 * row["oracle"]["avg_jct"] and mine["p99_jct"] <= fcfs["p99_jct"]
             and (row["cell"]["load"] < 0.7 or fcfs["avg_ttft"] >= 5 * mine["avg_ttft"]))
 
 
 def table(rows: list[dict]) -> str:
+    boost = "boost" in rows[0]
     head = ("| mix | memory | arrival | load | FCFS avg/p99 JCT | MLFQ avg/p99 JCT | oracle avg/p99 JCT | "
             "MLFQ/oracle avg | Gittins/oracle avg | MLFQ/FCFS p99 | FCFS/MLFQ TTFT | FCFS/prefill-first TTFT | "
-            "FCFS TTFT/floor | MLFQ/FCFS swap |")
-    lines = [head, "|" + "---|" * 14]
+            "FCFS TTFT/floor | MLFQ/FCFS swap |" + (" least Boost or FCFS/oracle avg at p99 <= FCFS's |" if boost else ""))
+    lines = [head, "|" + "---|" * (15 if boost else 14)]
     for r in rows:
         c, f, m, o = r["cell"], r["fcfs"], r["mlfq"], r["oracle"]
         lines.append(f"| {c['mix']} | {c['memory']} | {c['arrival']} cv{c['cv']:g} | {c['load']:g} | "
@@ -214,7 +258,7 @@ def table(rows: list[dict]) -> str:
                      f"{r['mlfq_over_fcfs']['p99_jct']:.2f} | {1 / r['mlfq_over_fcfs']['avg_ttft']:.1f} | "
                      f"{f['avg_ttft'] / r['ttft']['avg_ttft']:.1f} | "
                      f"{f['avg_ttft'] / r['ttft_floor']:.1f} | "
-                     f"{r['swap_mlfq_over_fcfs']:.2f} |")
+                     f"{r['swap_mlfq_over_fcfs']:.2f} |" + (f" {best_boost_avg(r):.2f} |" if boost else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -266,6 +310,8 @@ def main(argv=None):
     ap.add_argument("--tail-slack", type=float, default=None, help="MLFQ override (default: SchedulerConfig's)")
     ap.add_argument("--hint-sigma", type=float, default=None,
                     help="give every job a length hint with log-normal error of this sigma (MLFQ reads it)")
+    ap.add_argument("--boost-scales", type=float, nargs="+", default=(),
+                    help="also run the Boost reference (scheduler/boost_ref.py) at each of these scales")
     a = ap.parse_args(argv)
     jobs = 60 if a.smoke else a.jobs
     todo = cells(a.smoke)
@@ -273,12 +319,20 @@ def main(argv=None):
                               ("tail_slack", a.tail_slack)) if v is not None}
     seed = tuple(a.seeds) if a.seeds else a.seed
     t0 = time.perf_counter()
-    if a.procs > 1:
-        with ProcessPoolExecutor(a.procs) as ex:
-            rows = list(ex.map(run_cell, todo, [jobs] * len(todo), [seed] * len(todo), [mlfq] * len(todo),
-                               [a.hint_sigma] * len(todo)))
-    else:
-        rows = [run_cell(c, jobs, seed, mlfq, a.hint_sigma) for c in todo]
+    from tqdm import tqdm
+    args = ([jobs] * len(todo), [seed] * len(todo), [mlfq] * len(todo), [a.hint_sigma] * len(todo),
+            [tuple(a.boost_scales)] * len(todo))
+    rows = []
+    with tqdm(total=len(todo), desc="sweep cells", unit="cell", disable=a.smoke) as bar:
+        if a.procs > 1:
+            with ProcessPoolExecutor(a.procs) as ex:
+                for r in ex.map(run_cell, todo, *args):      # in order: the bar moves as the next cell is in
+                    rows.append(r)
+                    bar.update()
+        else:
+            for x in zip(todo, *args):
+                rows.append(run_cell(*x))
+                bar.update()
     out = {"command": "python " + " ".join([os.path.relpath(__file__)] + list(argv if argv is not None else
                                                                               sys.argv[1:])),
            "machine": f"{platform.machine()} VM, {os.cpu_count()} CPU cores, no accelerator; discrete-event "

@@ -10,7 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def test_sweep_smoke_writes_json_table_and_heatmaps(tmp_path):
     out = tmp_path / "sweep.json"
     subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "sweep_scheduler.py"), "--smoke", "--procs", "1",
-                    "--output", str(out)], check=True, capture_output=True, cwd=ROOT)
+                    "--boost-scales", "0.1", "10", "--output", str(out)], check=True, capture_output=True, cwd=ROOT)
     r = json.loads(out.read_text())
     assert "--smoke" in r["command"] and "CPU cores" in r["machine"] and "simulator" in r["machine"]
     assert len(r["cells"]) == 4
@@ -23,7 +23,12 @@ def test_sweep_smoke_writes_json_table_and_heatmaps(tmp_path):
         assert c["mlfq_over_fcfs"]["avg_jct"] == c["mlfq"]["avg_jct"] / c["fcfs"]["avg_jct"]
         assert c["mlfq_over_oracle"]["p99_jct"] == c["mlfq"]["p99_jct"] / c["oracle"]["p99_jct"]
         assert c["gittins_over_oracle"]["avg_jct"] == c["gittins"]["avg_jct"] / c["oracle"]["avg_jct"]
+        assert [b["scale"] for b in c["boost"]] == [0.1, 10.0]
+        assert all(b["jobs"] == r["jobs_per_cell"] for b in c["boost"])
     t = r["targets"]
+    f = t["boost_frontier"]
+    assert f["scales"] == [0.1, 10.0] and sum(d["cells"] for d in f["by_mix"].values()) == t["cells"]
+    assert 0 <= f["all_three_met_by_some_scale"] <= f["avg_and_p99_met_by_some_scale"] <= t["cells"]
     assert t["cells"] == sum(c["cell"]["load"] <= 0.9 for c in r["cells"])
     avg = t["avg_jct_within_15pct_of_oracle"]
     assert 0 <= avg["met_where_gittins_met"] <= min(avg["met"], avg["gittins_met"]) <= t["cells"]
