@@ -267,7 +267,12 @@ g = 1 / the mean excess of finished jobs' JCT over their 90th percentile: p99 39
 (chat_a0.8/limited 1.22x -> 1.80x the oracle, geometric mean), and on the heavy-tail trace the p99 is still
 1.17x FCFS's at 4.2x the oracle's average. Applied to chat_a2.0 only (a perfect light/heavy-tail detector),
 all three in one cell 18 -> 19. g from the GI/G/1 Cramer-Lundberg equation on the observed interarrival
-times and work was more FCFS-like and worse (bimodal/limited/gamma2/0.8 5.97 s against 2.38 s). This is the
+times and work was more FCFS-like and worse (bimodal/limited/gamma2/0.8 5.97 s against 2.38 s).
+Calm (change 12) with up to 16 waiting jobs, or with any number while a quarter of the pages is free (an
+ample-KV system then never preempts for new jobs): 106 / 45 / 27 / 19 and 104 / 50 / 26 / 21; the second
+turned the ample-KV cells into FCFS (their TTFT ratio to FCFS's 1.8x -> 1.0x in chat_a0.8, 2.6x -> 1.0x in
+bimodal, where the average went to 1.25-1.35x the oracle's at gamma4/0.8-0.9) and took the heavy-tail trace
+to 1.35x the oracle's average and 1.51x FCFS's p99 (from 1.33x and 1.44x). This is the
 trade-off Wierman and Zwart prove ("Is tail-optimal scheduling possible?", Operations Research 2012): no
 work-conserving, non-anticipating policy that does not learn the size distribution optimises the response-time tail for
 both light-tailed sizes (FCFS is optimal) and heavy-tailed ones (PS, SRPT); the sweep has both, and the p99
