@@ -96,7 +96,9 @@ def test_index_falls_with_age_for_heavy_tails_and_rises_past_a_short_mode():
 
 def _finished(m, attained, generated=None):
     job = dataclasses.make_dataclass("J", [("attained", float), ("served", float), ("generated", int, dataclasses.field(default=0)),
-                                          ("length_hint", object, dataclasses.field(default=None))])
+                                          ("length_hint", object, dataclasses.field(default=None)),
+                                          ("arrival", float, dataclasses.field(default=0.0)),
+                                          ("last_run", float, dataclasses.field(default=0.0))])
     for a, g in zip(attained, generated if generated is not None else [0] * len(attained)):
         m.on_finish(job(attained=a, served=a, generated=int(g)))
 

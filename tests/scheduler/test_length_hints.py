@@ -46,7 +46,8 @@ def test_a_hint_class_is_ranked_by_the_kaplan_meier_of_its_neighbours():
 
 def _finished(m, lengths, hints):
     job = dataclasses.make_dataclass("J", [("attained", float), ("served", float), ("generated", int),
-                                          ("length_hint", object)])
+                                          ("length_hint", object), ("arrival", float, dataclasses.field(default=0.0)),
+                                          ("last_run", float, dataclasses.field(default=0.0))])
     for n, hint in zip(lengths, hints):
         a = m.token_cost * n
         m.on_finish(job(attained=a, served=a, generated=int(n), length_hint=hint))

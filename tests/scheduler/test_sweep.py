@@ -110,7 +110,7 @@ def test_seeds_pool_every_trace_jobs_into_one_cell():
     import sweep_scheduler as S
     from ferry.scheduler.simulator import simulate
     from ferry.scheduler.workload import generate
-    cell = S.Cell("bimodal", "gamma", 2.0, 0.8, "limited")           # the MLFQ preempts on both traces
+    cell = S.Cell("bimodal", "gamma", 4.0, 0.9, "limited")           # the MLFQ preempts on both traces
     one, pooled = S.run_cell(cell, 60, 1), S.run_cell(cell, 60, (1, 2))
     assert S.run_cell(cell, 60, (1,)) == one                   # one seed in a tuple: the plain cell
     mix = next(m for m in S.MIXES if m.name == cell.mix)

@@ -94,7 +94,9 @@ def test_wait_floor_and_q0_follow_the_observed_service():
     m = SkipJoinMLFQ(COST, max_batch=4)
     q0_prior, floor_prior = m.q0, m.wait_floor
     job = dataclasses.make_dataclass("J", [("attained", float), ("served", float), ("generated", int, dataclasses.field(default=0)),
-                                          ("length_hint", object, dataclasses.field(default=None))])
+                                          ("length_hint", object, dataclasses.field(default=None)),
+                                          ("arrival", float, dataclasses.field(default=0.0)),
+                                          ("last_run", float, dataclasses.field(default=0.0))])
     for k in range(128):                     # parameters are refreshed every 16 finished jobs
         m.on_finish(job(attained=0.001 * (k + 1), served=0.01 * (k + 1)))
     assert m.q0 != q0_prior and abs(m.q0 - 0.001 * 115) < 1e-9            # 90th percentile of attained
