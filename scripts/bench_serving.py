@@ -1,6 +1,6 @@
 """Replay a trace under MLFQ / FCFS / oracle SRPT, on the simulator or the real engine; JCT statistics.
 
-usage: python scripts/bench_serving.py --trace FILE --policy mlfq|fcfs|oracle|both|all [--simulate]
+usage: python scripts/bench_serving.py --trace FILE --policy mlfq|fcfs|oracle|both|all|refs [--simulate]
            --output RESULT.json [--plot CDF.png]
   simulator knobs: --max-batch 32 --num-pages 400 --host-pages 4096 --page-size 16 --cost-model gpu|cpu|FILE
                    or --like-engine (the engine's own scheduler settings for --max-batch/--max-model-len)
@@ -10,7 +10,9 @@ usage: python scripts/bench_serving.py --trace FILE --policy mlfq|fcfs|oracle|bo
                    [--repeats N: every policy N times, interleaved, a fresh engine each time]
 Writes avg/p50/p95/p99 JCT, avg TTFT, throughput and the scheduler counters per policy; with
 ``both`` (FCFS + MLFQ) also the FCFS/MLFQ ratios; with ``all`` (simulator only: adds the oracle SRPT,
-which knows every output length) every policy's ratios over FCFS and over the oracle.
+which knows every output length) every policy's ratios over FCFS and over the oracle; ``refs`` (simulator
+only) adds the Gittins reference (knows the output-length distribution, not each length) and the
+prefill-first TTFT reference to those three (``scheduler/policies.py``).
 ``--base-quantum``/``--starve-limit`` default to the derived values (scheduler/mlfq.py); give
 numbers for the old fixed-seconds MLFQ. Real mode forces exact output
 lengths (ignore_eos) and submits jobs at their trace arrival times (wall clock).
@@ -164,7 +166,7 @@ def _refuse_ignored_flags(ap, a):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trace", required=True)
-    ap.add_argument("--policy", choices=["mlfq", "fcfs", "oracle", "both", "all"], default="both")
+    ap.add_argument("--policy", choices=["mlfq", "fcfs", "oracle", "both", "all", "refs"], default="both")
     ap.add_argument("--simulate", action="store_true")
     ap.add_argument("--output", required=True)
     ap.add_argument("--plot", default=None)
@@ -214,9 +216,11 @@ def main():
     trace = read_jsonl(a.trace)
     if a.simulate and a.num_pages is None:
         a.num_pages = 400
-    policies = {"both": ["fcfs", "mlfq"], "all": ["fcfs", "mlfq", "oracle"]}.get(a.policy, [a.policy])
+    policies = {"both": ["fcfs", "mlfq"], "all": ["fcfs", "mlfq", "oracle"],
+                "refs": ["fcfs", "mlfq", "oracle", "gittins", "ttft"]}.get(a.policy, [a.policy])
     if "oracle" in policies and not a.simulate:
-        ap.error("the oracle knows true output lengths: simulator only (--simulate)")
+        ap.error("the oracle and the references know true output lengths or their distribution: simulator only "
+                 "(--simulate)")
     out = {"trace": os.path.basename(a.trace), "jobs": len(trace), "mode": "simulate" if a.simulate else "engine",
            "config": {k: v for k, v in vars(a).items() if k not in ("trace", "output", "plot")
                       and (a.simulate or k not in _SIM_ONLY)}}
@@ -242,7 +246,7 @@ def main():
         out["runs"] = runs
     keys = ("avg_jct", "p50_jct", "p95_jct", "p99_jct", "avg_ttft")
     for ref in ("fcfs", "oracle"):
-        if ref in policies and len(policies) == 3:
+        if ref in policies and a.policy in ("all", "refs"):
             out[f"over_{ref}"] = {p: {k: out[p][k] / out[ref][k] for k in keys if out[ref][k] > 0} for p in policies}
             print(f"policy / {ref.upper()}:", {p: {k: round(v, 2) for k, v in r.items()}
                                               for p, r in out[f"over_{ref}"].items()})

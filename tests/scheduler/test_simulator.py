@@ -178,9 +178,22 @@ def test_bench_serving_reports_every_policy_against_fcfs_and_the_oracle(tmp_path
         assert r[f"over_{ref}"][ref]["avg_jct"] == 1.0
     # the oracle is the reference: on this heavy-tailed bursty trace it beats FCFS on average
     assert r["oracle"]["avg_jct"] < r["fcfs"]["avg_jct"]
-    real = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench_serving.py"), "--trace", str(trace),
-                           "--policy", "oracle", "--output", str(out)], capture_output=True, text=True)
-    assert real.returncode != 0 and "simulator only" in real.stderr
+    all_three = r
+    # refs: the same three (identical: the simulator is deterministic) plus the Gittins and TTFT references
+    subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench_serving.py"), "--trace", str(trace),
+                    "--policy", "refs", "--simulate", "--max-batch", "8", "--num-pages", "300", "--output", str(out)],
+                   check=True, capture_output=True)
+    r = json.loads(out.read_text())
+    for pol in ("fcfs", "mlfq", "oracle"):
+        assert r[pol]["avg_jct"] == all_three[pol]["avg_jct"] and r[pol]["p99_jct"] == all_three[pol]["p99_jct"]
+    for pol in ("gittins", "ttft"):
+        assert r["over_oracle"][pol]["avg_jct"] == pytest.approx(r[pol]["avg_jct"] / r["oracle"]["avg_jct"])
+    assert r["ttft"]["avg_ttft"] < r["fcfs"]["avg_ttft"]          # prefill first: the TTFT reference
+    assert r["gittins"]["avg_jct"] != r["mlfq"]["avg_jct"]        # a policy of its own, not the MLFQ again
+    for pol in ("oracle", "refs"):
+        real = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench_serving.py"), "--trace",
+                               str(trace), "--policy", pol, "--output", str(out)], capture_output=True, text=True)
+        assert real.returncode != 0 and "simulator only" in real.stderr
 
 
 def test_cost_model_fits_a_separate_decode_base_and_the_cpu_default_is_the_committed_fit():
