@@ -240,7 +240,7 @@ age, no quanta, guard or gap) meets 110 and misses nine chat_a0.8 cells and the 
 too (1.16-1.30x): there a Pareto tail of index 0.8 gives an order that does not know each job's
 length too little to go on (even the true remaining output below Q0 left the change-9 MLFQ at 1.16x
 in chat_a0.8/limited/cv4/0.9); a length predictor is the way left (change 11: with hints of sigma
-0.5, 116 cells at seed 0, 109 at seed 1). Tried before change 10 for the
+0.5, 118 cells at seed 0, 109 at seed 1, with change 13). Tried before change 10 for the
 bimodal cells, none kept: the observed-service window at 512 or 1024 jobs (seed 0 average 100 / 103
 cells, p99 32 / 30), evicting any lower-ranked job, no tail guard, 16 ages per queue with or without
 Q0; partial eviction (only the pages a job lacks, from the end of a victim's KV) cut most limited-KV
