@@ -304,7 +304,12 @@ cells, p99 45 -> 47, TTFT 29 -> 20 (at 1.02 and three in a row: 103 / 42 / 22). 
 it turned to FCFS ended within 1% of FCFS's p99 on either side (the first 128 jobs ran as the MLFQ),
 and bimodal/limited flipped to FCFS in calm windows and then thrashed (1.13x -> 3.0x the oracle's
 average); with finished jobs alone in the window (the short ones, under the MLFQ) the limited-KV chat
-cells flipped too (average 92 cells). This is the
+cells flipped too (average 92 cells). While calm (change 12), waiting jobs in arrival order (FCFS
+among them; running and protected jobs as now): seeds 0 / 1 / 2 average 107 / 109 / 111, p99 46 / 34 / 33,
+TTFT unchanged, all three 21 / 18 / 17; pooled 110 / 35 / 29 / 44, all three 15 -> 20. The cells gained
+are mostly p99 ties: uncongested cells whose p99 sat 0.1-0.6% above FCFS's now equal it (the two
+policies then serve identically). Not kept: on the heavy-tail trace the average went 1.32x -> 1.35x the
+oracle's and the p99 1.38x -> 1.40x FCFS's (not analysed further). This is the
 trade-off Wierman and Zwart prove ("Is tail-optimal scheduling possible?", Operations Research 2012): no
 work-conserving, non-anticipating policy that does not learn the size distribution optimises the response-time tail for
 both light-tailed sizes (FCFS is optimal) and heavy-tailed ones (PS, SRPT); the sweep has both, and the p99
