@@ -351,6 +351,12 @@ PROTECT_QUANTILE = 0.95      # change 13: a running job in the system longer tha
                              # jobs' time in system keeps its slot (while CALM_FREE_PAGES of the pages are free)
 
 
+def sample_quantile(values, q: float) -> float:
+    """The ``q`` quantile of a non-empty sample, no interpolation: its sorted value at floor(q (n - 1))."""
+    ordered = sorted(values)
+    return ordered[int(q * (len(ordered) - 1))]
+
+
 def hint_class(hint: int) -> int:
     """Length-hint class (change 11): floor(HINT_CLASSES_PER_OCTAVE x log2(hint))."""
     return int(math.floor(HINT_CLASSES_PER_OCTAVE * math.log2(hint) + 1e-9))
@@ -428,15 +434,13 @@ class SkipJoinMLFQ(Policy):
         if job.length_hint is not None:
             self._hinted_seen.append((hint_class(job.length_hint), job.generated))
         if self._seen < 16 or self._seen % 16 == 0:
-            a, s = sorted(self._attained_seen), sorted(self._served_seen)
             if self.fixed_q0 is None:
-                self.q0 = max(self.token_cost, a[int(Q0_QUANTILE * (len(a) - 1))])
+                self.q0 = max(self.token_cost, sample_quantile(self._attained_seen, Q0_QUANTILE))
                 self._rank_stale = self._seen >= MIN_SEEN_FOR_ORDER
-            self.wait_floor = max(self._floor_prior / 4, s[int(FLOOR_QUANTILE * (len(s) - 1))])
+            self.wait_floor = max(self._floor_prior / 4, sample_quantile(self._served_seen, FLOOR_QUANTILE))
             self.mean_decode = self.token_cost * sum(self._tokens_seen) / len(self._tokens_seen)
         if self._seen >= MIN_SEEN_FOR_ORDER:                 # every finish: a burst moves it fast
-            t = sorted(self._sojourn_seen)
-            self.protect_after = t[int(PROTECT_QUANTILE * (len(t) - 1))]
+            self.protect_after = sample_quantile(self._sojourn_seen, PROTECT_QUANTILE)
 
     def rank_queues(self, live: list[Job]) -> list[int]:
         """Priority position of each queue: by the Gittins index at the queue's entry age (highest first,
