@@ -309,7 +309,18 @@ among them; running and protected jobs as now): seeds 0 / 1 / 2 average 107 / 10
 TTFT unchanged, all three 21 / 18 / 17; pooled 110 / 35 / 29 / 44, all three 15 -> 20. The cells gained
 are mostly p99 ties: uncongested cells whose p99 sat 0.1-0.6% above FCFS's now equal it (the two
 policies then serve identically). Not kept: on the heavy-tail trace the average went 1.32x -> 1.35x the
-oracle's and the p99 1.38x -> 1.40x FCFS's (not analysed further). This is the
+oracle's and the p99 1.38x -> 1.40x FCFS's (not analysed further). While calm, newcomers only (jobs
+without their first token, waiting or running their prefill) in arrival order at one index, so that an
+uncongested MLFQ serves exactly as FCFS (tested, then removed): seeds 0 / 1 / 2 average 108 / 108 / 111,
+p99 48 / 35 / 25 (from 45 / 28 / 34), all three 23 / 19 / 15 (from 20 / 14 / 17); pooled 111 / 38 / 29 / 44,
+all three 15 -> 22; heavy-tail trace unchanged (with sigma-0.5 hints 1.29x -> 1.31x the oracle's). Not kept:
+the counts are p99 ties flipping (per mix, the geometric mean of the pooled p99 over FCFS's moved by under
+0.5%: chat_a0.8 1.012 -> 1.016, bimodal 1.108 -> 1.105), while the summarisation mix, whose work is its
+prefill, lost change 5's shortest-prompt-first in every calm spell: its average 1.035x -> 1.078x the
+oracle's (geometric mean), at seed 2 summarise/poisson/0.5-0.8 1.01-1.03x -> 1.05-1.11x and their p99
+0.96-1.00x -> 1.05-1.07x FCFS's. Newcomers waiting only (running prefills by the index): pooled p99 36, all
+three 20, summarisation 1.045x; newcomers ordered by the doubling class of their expected work first: 33,
+18, 1.052x. This is the
 trade-off Wierman and Zwart prove ("Is tail-optimal scheduling possible?", Operations Research 2012): no
 work-conserving, non-anticipating policy that does not learn the size distribution optimises the response-time tail for
 both light-tailed sizes (FCFS is optimal) and heavy-tailed ones (PS, SRPT); the sweep has both, and the p99
