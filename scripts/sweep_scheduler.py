@@ -204,7 +204,7 @@ def targets(rows: list[dict]) -> dict:
         "avg_and_p99_in_one_cell": {pol: sum(meets_avg_and_p99(r, r[pol]) for r in sel) for pol in POLICIES},
         "all_three_in_one_cell": {pol: sum(row[pol] for row in met) for pol in POLICIES} | {
             "any_policy": sum(any(row.values()) for row in met)},
-        "geomean_by_mix": geomean_by_mix(sel),
+        "geomean_by_group": geomean_by_group(sel),
     } | ({"boost_frontier": boost_frontier(sel)} if sel and "boost" in sel[0] else {})
 
 
@@ -212,19 +212,26 @@ def geomean(xs: list[float]) -> float | None:
     return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else None
 
 
-def geomean_by_mix(sel: list[dict]) -> dict:
-    """Per length mix, geometric means over its cells of the ratios the targets count: MLFQ average over
-    the oracle's, MLFQ p99 over FCFS's and (load >= 0.7) FCFS TTFT over the MLFQ's. Counts of cells move
-    when a ratio crosses a threshold by a hair (a pooled p99 is the 24th slowest of 2,400 jobs); these do
-    not, so a change that only flips ties shows here as none."""
+def geomean_by_group(sel: list[dict]) -> dict:
+    """Per length mix and memory ("chat_a0.8/limited"), geometric means over its cells of each policy's
+    average JCT over the oracle's and p99 over FCFS's (Boost scales as "boost_<scale>" when run), and of
+    FCFS's TTFT over the MLFQ's at load >= 0.7. Counts of cells move when a ratio crosses a threshold by a
+    hair (a pooled p99 is the 24th slowest of 2,400 jobs); these do not, so a change that only flips ties
+    shows here as none, and each group's policies place the MLFQ against what an order can reach there."""
     out: dict[str, dict] = {}
-    for mix in dict.fromkeys(r["cell"]["mix"] for r in sel):
-        rows = [r for r in sel if r["cell"]["mix"] == mix]
-        out[mix] = {"cells": len(rows),
-                    "mlfq_avg_over_oracle": geomean([r["mlfq_over_oracle"]["avg_jct"] for r in rows]),
-                    "mlfq_p99_over_fcfs": geomean([r["mlfq_over_fcfs"]["p99_jct"] for r in rows]),
-                    "fcfs_ttft_over_mlfq_at_load_ge_0.7": geomean(
-                        [1 / r["mlfq_over_fcfs"]["avg_ttft"] for r in rows if r["cell"]["load"] >= 0.7])}
+    for group in dict.fromkeys(f"{r['cell']['mix']}/{r['cell']['memory']}" for r in sel):
+        rows = [r for r in sel if f"{r['cell']['mix']}/{r['cell']['memory']}" == group]
+        summaries = {pol: [r[pol] for r in rows] for pol in POLICIES} | (
+            {f"boost_{b['scale']:g}": [r["boost"][k] for r in rows] for k, b in enumerate(rows[0]["boost"])}
+            if "boost" in rows[0] else {})
+        out[group] = {
+            "cells": len(rows),
+            "avg_over_oracle": {pol: geomean([s["avg_jct"] / r["oracle"]["avg_jct"] for s, r in zip(ss, rows)])
+                                for pol, ss in summaries.items()},
+            "p99_over_fcfs": {pol: geomean([s["p99_jct"] / r["fcfs"]["p99_jct"] for s, r in zip(ss, rows)])
+                              for pol, ss in summaries.items()},
+            "fcfs_ttft_over_mlfq_at_load_ge_0.7": geomean(
+                [r["fcfs"]["avg_ttft"] / r["mlfq"]["avg_ttft"] for r in rows if r["cell"]["load"] >= 0.7])}
     return out
 
 

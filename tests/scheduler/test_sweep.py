@@ -51,7 +51,7 @@ def test_all_three_targets_in_one_cell_each_condition_counts():
 
     def row(load, **mlfq):
         stats = lambda avg, p99, ttft: {"avg_jct": avg, "p99_jct": p99, "avg_ttft": ttft}   # noqa: E731
-        r = {"cell": {"mix": "chat", "load": load}, "fcfs": stats(2.0, 10.0, 1.0), "oracle": stats(1.0, 12.0, 0.1),
+        r = {"cell": {"mix": "chat", "memory": "ample", "load": load}, "fcfs": stats(2.0, 10.0, 1.0), "oracle": stats(1.0, 12.0, 0.1),
              "gittins": stats(1.1, 11.0, 0.1), "ttft": stats(3.0, 20.0, 0.05)}
         r["mlfq"] = stats(**{"avg": 1.15, "p99": 10.0, "ttft": 0.2, **mlfq})
         return r
@@ -79,23 +79,29 @@ def test_all_three_targets_in_one_cell_each_condition_counts():
     assert t["p99_no_worse_than_fcfs"]["gittins_met"] == 1 and t["p99_no_worse_than_fcfs"]["oracle_met"] == 0
 
 
-def test_geometric_means_by_mix_cover_the_cells_of_each_mix():
-    """``geomean_by_mix``: per mix, over cells at load <= 0.9 (TTFT: >= 0.7); a mix with no cell at load >= 0.7
-    has no TTFT mean (control), and one cell's ratio is its own mean."""
+def test_geometric_means_by_group_cover_the_cells_of_each_mix_and_memory():
+    """``geomean_by_group``: per mix and memory, over the cells given, every policy's average over the oracle's
+    and p99 over FCFS's (Boost scales too), and FCFS's TTFT over the MLFQ's at load >= 0.7 only (control: a
+    group without such a cell has none)."""
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
     import sweep_scheduler as S
 
-    def row(mix, load, avg, p99, ttft):
-        return {"cell": {"mix": mix, "load": load}, "mlfq_over_oracle": {"avg_jct": avg},
-                "mlfq_over_fcfs": {"p99_jct": p99, "avg_ttft": ttft}}
+    def row(memory, load, avg, p99, ttft):
+        stats = lambda a, p, t: {"avg_jct": a, "p99_jct": p, "avg_ttft": t}   # noqa: E731
+        r = {pol: stats(1.0, 10.0, 1.0) for pol in S.POLICIES}
+        r.update(cell={"mix": "chat", "memory": memory, "load": load}, mlfq=stats(avg, p99, ttft),
+                 boost=[{"scale": 0.5, **stats(2 * avg, 10.0, 1.0)}])
+        return r
 
-    g = S.geomean_by_mix([row("a", 0.5, 1.0, 2.0, 1.0), row("a", 0.8, 4.0, 0.5, 0.25), row("a", 0.9, 2.0, 1.0, 0.01),
-                          row("b", 0.5, 1.1, 0.9, 0.5)])
-    assert g["a"]["cells"] == 3 and abs(g["a"]["mlfq_avg_over_oracle"] - 2.0) < 1e-12
-    assert abs(g["a"]["mlfq_p99_over_fcfs"] - 1.0) < 1e-12
-    assert abs(g["a"]["fcfs_ttft_over_mlfq_at_load_ge_0.7"] - 20.0) < 1e-9       # sqrt(4 x 100)
-    assert g["b"]["cells"] == 1 and g["b"]["fcfs_ttft_over_mlfq_at_load_ge_0.7"] is None
-    assert abs(g["b"]["mlfq_avg_over_oracle"] - 1.1) < 1e-12 and abs(g["b"]["mlfq_p99_over_fcfs"] - 0.9) < 1e-12
+    g = S.geomean_by_group([row("limited", 0.5, 1.0, 20.0, 1.0), row("limited", 0.8, 4.0, 5.0, 0.25),
+                            row("limited", 0.9, 2.0, 10.0, 0.01), row("ample", 0.5, 1.1, 9.0, 0.5)])
+    lim, amp = g["chat/limited"], g["chat/ample"]
+    assert lim["cells"] == 3 and amp["cells"] == 1 and set(g) == {"chat/limited", "chat/ample"}
+    assert abs(lim["avg_over_oracle"]["mlfq"] - 2.0) < 1e-12 and abs(lim["p99_over_fcfs"]["mlfq"] - 1.0) < 1e-12
+    assert abs(lim["avg_over_oracle"]["boost_0.5"] - 4.0) < 1e-12 and lim["avg_over_oracle"]["fcfs"] == 1.0
+    assert abs(lim["fcfs_ttft_over_mlfq_at_load_ge_0.7"] - 20.0) < 1e-9       # sqrt(4 x 100)
+    assert amp["fcfs_ttft_over_mlfq_at_load_ge_0.7"] is None
+    assert abs(amp["avg_over_oracle"]["mlfq"] - 1.1) < 1e-12 and abs(amp["p99_over_fcfs"]["mlfq"] - 0.9) < 1e-12
 
 
 def test_ttft_floor_is_a_job_alone_and_bounds_every_policy():
