@@ -209,6 +209,7 @@ def targets(rows: list[dict]) -> dict:
 
 
 def geomean(xs: list[float]) -> float | None:
+    """Geometric mean of positive ratios; None for none."""
     return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else None
 
 

@@ -51,8 +51,8 @@ def test_all_three_targets_in_one_cell_each_condition_counts():
 
     def row(load, **mlfq):
         stats = lambda avg, p99, ttft: {"avg_jct": avg, "p99_jct": p99, "avg_ttft": ttft}   # noqa: E731
-        r = {"cell": {"mix": "chat", "memory": "ample", "load": load}, "fcfs": stats(2.0, 10.0, 1.0), "oracle": stats(1.0, 12.0, 0.1),
-             "gittins": stats(1.1, 11.0, 0.1), "ttft": stats(3.0, 20.0, 0.05)}
+        r = {"cell": {"mix": "chat", "memory": "ample", "load": load}, "fcfs": stats(2.0, 10.0, 1.0),
+             "oracle": stats(1.0, 12.0, 0.1), "gittins": stats(1.1, 11.0, 0.1), "ttft": stats(3.0, 20.0, 0.05)}
         r["mlfq"] = stats(**{"avg": 1.15, "p99": 10.0, "ttft": 0.2, **mlfq})
         return r
 
