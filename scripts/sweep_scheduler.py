@@ -14,7 +14,7 @@ target), and the TTFT floor (every prefill alone: where FCFS is within 5x of it,
 be 5x faster; ``targets`` counts those cells apart, and the cells where the oracle's p99 meets
 FCFS's), and per policy the cells where it meets the average and p99 targets at once
 (``avg_and_p99_in_one_cell``) and all three (``all_three_in_one_cell``; ``any_policy``: cells some
-policy meets). Writes the JSON (with the command line and the machine), a Markdown table next to it
+policy meets), and per mix and memory the geometric means of each policy's ratios (``geomean_by_group``). Writes the JSON (with the command line and the machine), a Markdown table next to it
 (``.md``) and one heat-map PNG per metric (``<plots>_<metric>.png``: MLFQ/FCFS and MLFQ/oracle).
 ``--seeds 0 1 2`` pools the jobs of the three traces in every cell (``pooled_summary``: a p99 of 2,400
 jobs instead of 800). ``--smoke`` runs 4 tiny cells (seconds; CI runs it in tests/scheduler/test_sweep.py).
@@ -219,9 +219,11 @@ def geomean_by_group(sel: list[dict]) -> dict:
     FCFS's TTFT over the MLFQ's at load >= 0.7. Counts of cells move when a ratio crosses a threshold by a
     hair (a pooled p99 is the 24th slowest of 2,400 jobs); these do not, so a change that only flips ties
     shows here as none, and each group's policies place the MLFQ against what an order can reach there."""
+    groups: dict[str, list[dict]] = {}
+    for r in sel:
+        groups.setdefault(f"{r['cell']['mix']}/{r['cell']['memory']}", []).append(r)
     out: dict[str, dict] = {}
-    for group in dict.fromkeys(f"{r['cell']['mix']}/{r['cell']['memory']}" for r in sel):
-        rows = [r for r in sel if f"{r['cell']['mix']}/{r['cell']['memory']}" == group]
+    for group, rows in groups.items():
         summaries = {pol: [r[pol] for r in rows] for pol in POLICIES} | (
             {f"boost_{b['scale']:g}": [r["boost"][k] for r in rows] for k, b in enumerate(rows[0]["boost"])}
             if "boost" in rows[0] else {})
