@@ -29,6 +29,8 @@ def test_sweep_smoke_writes_json_table_and_heatmaps(tmp_path):
     f = t["boost_frontier"]
     assert f["scales"] == [0.1, 10.0] and sum(d["cells"] for d in f["by_mix"].values()) == t["cells"]
     assert 0 <= f["all_three_met_by_some_scale"] <= f["avg_and_p99_met_by_some_scale"] <= t["cells"]
+    assert f["avg_and_p99_met_by_some_scale"] <= f["avg_and_p99_met_by_any_order"] <= t["cells"]
+    assert t["all_three_in_one_cell"]["any_policy"] <= f["all_three_met_by_any_order"] <= t["cells"]
     assert t["cells"] == sum(c["cell"]["load"] <= 0.9 for c in r["cells"])
     avg = t["avg_jct_within_15pct_of_oracle"]
     assert 0 <= avg["met_where_gittins_met"] <= min(avg["met"], avg["gittins_met"]) <= t["cells"]
