@@ -25,7 +25,7 @@ the same traces otherwise); only the MLFQ reads hints (change 11), each cell rec
 times moved earlier for small jobs, knowing every size; small scales near SRPT, large near FCFS) at each
 scale; the table gets the least average over the oracle's among those scales and FCFS (their limit) with
 p99 no worse than FCFS's, and ``targets.boost_frontier`` counts the cells where one of them meets the
-average and p99 targets together.
+average and p99 targets together, and where any order run (a policy or a scale) meets them, or all three.
 """
 import argparse
 import dataclasses
