@@ -18,6 +18,11 @@ COST = CostModel(base=0.01, decode_base=0.008, per_prefill_token=1e-4, per_decod
                  per_swap_page=0.0)
 
 
+def summary(avg: float, p99: float, ttft: float = 1.0) -> dict:
+    """A policy's summary in a sweep cell, as the frontier counts read it."""
+    return {"avg_jct": avg, "p99_jct": p99, "avg_ttft": ttft}
+
+
 def test_boost_falls_with_size_and_its_gaps_tend_to_log_ratios_over_g():
     sizes = [0.001, 0.01, 0.1, 1.0, 10.0]
     for g in (0.01, 1.0, 10.0):
@@ -76,14 +81,11 @@ def test_frontier_counts_a_cell_only_where_one_scale_meets_both_targets():
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
     import sweep_scheduler as S
 
-    def stats(avg, p99, ttft=1.0):
-        return {"avg_jct": avg, "p99_jct": p99, "avg_ttft": ttft}
-
     def row(mix, boosts, mlfq=(1.1, 10.0)):
-        r = {"cell": {"mix": mix, "load": 0.5}, "fcfs": stats(2.0, 10.0), "oracle": stats(1.0, 12.0),
-             "boost": [{"scale": c} | stats(a, p) for c, (a, p) in zip((0.1, 1.0, 10.0), boosts)]}
-        r["mlfq"] = stats(*mlfq)                                     # oracle's average 1.0, FCFS's p99 10.0
-        r |= {pol: stats(3.0, 20.0) for pol in ("gittins", "ttft")}  # the references miss both
+        r = {"cell": {"mix": mix, "load": 0.5}, "fcfs": summary(2.0, 10.0), "oracle": summary(1.0, 12.0),
+             "boost": [{"scale": c} | summary(a, p) for c, (a, p) in zip((0.1, 1.0, 10.0), boosts)]}
+        r["mlfq"] = summary(*mlfq)                                     # oracle's average 1.0, FCFS's p99 10.0
+        r |= {pol: summary(3.0, 20.0) for pol in ("gittins", "ttft")}  # the references miss both
         return r
 
     feasible = row("a", [(1.0, 11.0), (1.1, 10.0), (2.0, 9.0)])      # scale 1: 1.1x the oracle, p99 = FCFS's
@@ -108,13 +110,10 @@ def test_any_order_counts_a_cell_where_some_policy_or_scale_meets_the_targets():
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
     import sweep_scheduler as S
 
-    def stats(avg, p99, ttft=1.0):
-        return {"avg_jct": avg, "p99_jct": p99, "avg_ttft": ttft}
-
     def row(load, **met):                   # every order misses (3x the oracle, p99 2x FCFS's) unless named
-        r = {"cell": {"mix": "a", "load": load}, "fcfs": stats(3.0, 10.0, ttft=5.0), "oracle": stats(1.0, 12.0)}
-        r |= {pol: stats(3.0, 20.0) for pol in ("mlfq", "gittins", "ttft")}
-        r["boost"] = [{"scale": c} | stats(3.0, 20.0) for c in (0.1, 10.0)]
+        r = {"cell": {"mix": "a", "load": load}, "fcfs": summary(3.0, 10.0, ttft=5.0), "oracle": summary(1.0, 12.0)}
+        r |= {pol: summary(3.0, 20.0) for pol in ("mlfq", "gittins", "ttft")}
+        r["boost"] = [{"scale": c} | summary(3.0, 20.0) for c in (0.1, 10.0)]
         for name, s in met.items():
             if name.startswith("boost"):
                 r["boost"][int(name[-1])] |= s
@@ -123,9 +122,9 @@ def test_any_order_counts_a_cell_where_some_policy_or_scale_meets_the_targets():
         return r
 
     none = row(0.5)
-    gittins = row(0.5, gittins=stats(1.1, 10.0))                    # a reference alone meets both
-    scale = row(0.8, boost1=stats(1.15, 9.0))                        # a scale, and its TTFT 5x below FCFS's
-    slow_ttft = row(0.8, mlfq=stats(1.0, 9.0, ttft=2.0))             # both, but TTFT only 2.5x below at load 0.8
+    gittins = row(0.5, gittins=summary(1.1, 10.0))                    # a reference alone meets both
+    scale = row(0.8, boost1=summary(1.15, 9.0))                        # a scale, and its TTFT 5x below FCFS's
+    slow_ttft = row(0.8, mlfq=summary(1.0, 9.0, ttft=2.0))             # both, but TTFT only 2.5x below at load 0.8
     fcfs = row(0.5)
     fcfs["fcfs"]["avg_jct"] = 1.1                                    # FCFS itself within 15% of the oracle
     f = S.boost_frontier([none, gittins, scale, slow_ttft, fcfs])
